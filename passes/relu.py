@@ -1,0 +1,326 @@
+"""ReLU linearization for private inference: ``LinearizeReLU`` then ``FinalizeReLU``.
+
+``LinearizeReLU`` turns every selected ReLU/ReLU6 *call site* of a traceable model into
+``y = m ⊙ act(x) + (1 − m) ⊙ x`` (a ``MaskedReLU`` unit; mask granularity layer | channel | pixel,
+initialised to 1 so the model is exactly the original). ``FinalizeReLU`` freezes binary masks: an
+all-zero site disappears from the graph (identity), an all-one site becomes a plain ReLU again, a
+mixed site keeps a frozen ``BinaryMaskedReLU``.
+
+Example:
+    >>> import torch, torch.nn as nn, surgeon
+    >>> from surgeon.passes import LinearizeReLU, FinalizeReLU
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> s = surgeon.apply(net, LinearizeReLU(granularity="channel"), example_inputs=(x,))
+    >>> torch.equal(s.model(x), net(x))
+    True
+    >>> s.model.get_submodule("3").mask.data.zero_()
+    tensor(...)
+    >>> s = surgeon.apply(s, FinalizeReLU())
+    >>> [r["action"] for r in s.report["FinalizeReLU"].rows]
+    ['relu', 'identity']
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from surgeon.config import PassConfig
+from surgeon.errors import ConfigError, PlanError
+from surgeon.fx_graph import free_attr_name, get_submodule, node_scope, node_shape, propagate_shapes, set_submodule, trace
+from surgeon.ops.activation import (
+    BinaryMaskedReLU,
+    MaskedReLU,
+
+    is_inplace,
+    mask_shape,
+    plain_activation_target,
+    relu_kind,
+)
+from surgeon.pass_api import PassContext, PassHandler, match_recorded, register_pass
+from surgeon.report import Report
+from surgeon.selectors import select_sites
+from surgeon.sites import Plan, Site
+
+
+
+@dataclass(kw_only=True)
+class LinearizeReLU(PassConfig):
+    """Make ReLU call sites linearizable: ``m ⊙ relu(x) + (1 − m) ⊙ x`` with a trainable mask.
+
+    Args:
+        granularity: one mask value per site (``layer``), per channel, or per element (``pixel``).
+            ``channel`` and ``pixel`` need ``example_inputs`` (a fixed input shape).
+        init: initial mask value; 1.0 reproduces the original model exactly, 0.0 linearizes.
+        channel_dim: the activation dim that holds channels (1 for NCHW / (B, F); -1 for (B, T, F)).
+        targets / exclude / filter_fn: site selection (see ``surgeon.selectors``).
+        leaf_modules / leaf_fn: modules traced as opaque calls (their insides are not rewritten).
+    """
+
+    granularity: Literal["layer", "channel", "pixel"] = "channel"
+    init: float = 1.0
+    channel_dim: int = 1
+    targets: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    filter_fn: Callable | None = None
+    leaf_modules: list[str] | tuple[str, ...] = ()
+    leaf_fn: Callable | None = None
+
+    def check(self) -> None:
+        if not 0.0 <= self.init <= 1.0:
+            raise ConfigError(f"LinearizeReLU.init must be in [0, 1], got {self.init}")
+
+
+@dataclass(kw_only=True)
+class FinalizeReLU(PassConfig):
+    """Freeze masks to 0/1 (``mask >= threshold``); drop identity sites, restore plain ReLUs."""
+
+    threshold: float = 0.5
+    targets: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    filter_fn: Callable | None = None
+
+    def check(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"FinalizeReLU.threshold must be in (0, 1], got {self.threshold}")
+
+
+# ----------------------------------------------------------------------------------------------
+# graph editing helpers (module level so tests can inject faults per site)
+
+
+def _replace_inplace_aliases(gm: fx.GraphModule, node: fx.Node, source: fx.Node, result: fx.Node) -> None:
+    """An in-place op also changed its input: later readers of ``source`` must read ``result``."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for user in list(source.users):
+        if user is not result and user is not node and order[user] > order[node]:
+            user.replace_input_with(source, result)
+
+
+def rewrite_site(gm: fx.GraphModule, node: fx.Node, site: Site, unit: nn.Module) -> fx.Node:
+    """Route one ReLU call site through ``unit`` (placed at ``site.data['unit']``)."""
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(source, fx.Node):
+        raise PlanError(f"site {site.name!r}: its input is not a graph value ({source!r})")
+    set_submodule(gm, site.data["unit"], unit)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(site.data["unit"], (source,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    if site.data.get("inplace"):
+        _replace_inplace_aliases(gm, node, source, new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def finalize_site(gm: fx.GraphModule, node: fx.Node, site: Site, threshold: float) -> None:
+    """Replace a MaskedReLU call by identity, a plain activation, or a frozen binary mask."""
+    unit = gm.get_submodule(str(node.target))
+    source = node.args[0]
+    action = site.data["action"]
+    if action == "identity":
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+    elif action == "relu":
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(plain_activation_target(unit.kind), (source,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    else:
+        set_submodule(gm, str(node.target), BinaryMaskedReLU(unit.kind, unit.mask.detach() >= threshold))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _fn_name(node: fx.Node, kind: str) -> str:
+    return kind if node.op != "call_module" else str(node.target).rpartition(".")[2]
+
+
+def relu_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every ReLU-family call site of a traced graph, with unique, stable names.
+
+    A module called once is named by its path; a module called k times gives ``path``, ``path@1``,
+    ...; a functional call inside module ``scope`` is ``scope.relu`` (``scope.relu@1``, ...).
+    """
+    found: list[tuple[fx.Node, str, str]] = []
+    for node in gm.graph.nodes:
+        kind = relu_kind(node, gm)
+        if kind is None:
+            continue
+        scope = node_scope(node)
+        if node.op == "call_module":
+            base = str(node.target)
+        else:
+            base = f"{scope}.{kind}" if scope else kind
+        found.append((node, kind, base))
+    seen: Counter[str] = Counter()
+    sites = []
+    for node, kind, base in found:
+        k = seen[base]
+        seen[base] += 1
+        name = base if k == 0 else f"{base}@{k}"
+        sites.append(
+            Site(name=name, base=base, kind="fx", op=kind, scope=node_scope(node), node=node.name,
+                 shape=node_shape(node),
+                 data={"call": node.op.removeprefix("call_"), "inplace": is_inplace(node, gm)})
+        )
+    return sites
+
+
+def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site], modules_called: Counter[str]) -> None:
+    """Where each site's unit will live: the module's own path when it is called once, else a new name."""
+    taken: set[str] = set()
+    for site in sites:
+        if site.data["call"] == "module" and modules_called[site.base] == 1:
+            path = site.base
+        else:
+            owner_path = site.scope if site.data["call"] != "module" else site.base.rpartition(".")[0]
+            owner = get_submodule(gm, owner_path)
+            leaf = site.name.rpartition(".")[2].replace("@", "_")
+            candidate = free_attr_name(owner, leaf)
+            while f"{owner_path}.{candidate}".lstrip(".") in taken:
+                candidate = free_attr_name(owner, candidate + "_")
+            path = f"{owner_path}.{candidate}" if owner_path else candidate
+        taken.add(path)
+        site.data["unit"] = path
+
+
+def _resolve(gm: fx.GraphModule, site: Site) -> nn.Module | None:
+    path = site.base if site.data.get("call") == "module" else site.scope
+    try:
+        return get_submodule(gm, path)
+    except AttributeError:
+        return None
+
+
+def _nodes_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
+
+
+@register_pass(LinearizeReLU)
+class LinearizeReLUHandler(PassHandler):
+    """FX path: trace, find ReLU call sites, insert MaskedReLU units."""
+
+    def plan(self, model: nn.Module, config: LinearizeReLU, ctx: PassContext) -> Plan:
+        if config.granularity != "layer" and ctx.example_inputs is None:
+            raise ConfigError(
+                f"LinearizeReLU(granularity={config.granularity!r}) needs a fixed input shape to size its "
+                f"masks: pass example_inputs=(tensor, ...) to surgeon.apply, or use granularity='layer'."
+            )
+        gm = trace(model, config.leaf_modules, config.leaf_fn)
+        if ctx.example_inputs is not None:
+            propagate_shapes(gm, ctx.example_inputs)
+        found = relu_sites(gm)
+        if not found:
+            raise PlanError(
+                f"LinearizeReLU found no ReLU call site in {type(model).__name__} "
+                f"(looked for nn.ReLU/ReLU6, F.relu/relu6, torch.relu, .relu(), hardtanh(0, 6), clamp(min=0))."
+            )
+        if ctx.recorded_sites is not None:
+            sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
+        else:
+            sites = select_sites(found, config.targets, config.exclude, config.filter_fn,
+                                 resolve_module=lambda s: _resolve(gm, s), what="ReLU call site")
+        calls = Counter(s.base for s in found if s.data["call"] == "module")
+        _assign_unit_paths(gm, sites, calls)
+        for site in sites:
+            if config.granularity != "layer":
+                if site.shape is None:
+                    raise PlanError(f"site {site.name!r}: no shape was recorded; check example_inputs")
+                if len(site.shape) < 2:
+                    raise ConfigError(f"site {site.name!r} has shape {site.shape}: no channel/pixel dims")
+            site.data["mask_shape"] = list(mask_shape(config.granularity, site.shape, config.channel_dim))
+        return Plan(sites, {"gm": gm})
+
+    def rewrite(self, model: nn.Module, config: LinearizeReLU, plan: Plan, ctx: PassContext) -> nn.Module:
+        gm: fx.GraphModule = plan.state["gm"]
+        nodes = _nodes_by_name(gm)
+        for site in plan.sites:
+            unit = MaskedReLU(site.op, site.data["mask_shape"])  # type: ignore[arg-type]
+            with torch.no_grad():
+                unit.mask.fill_(config.init)
+            rewrite_site(gm, nodes[site.node], site, unit)
+        gm.delete_all_unused_submodules()
+        gm.graph.lint()
+        gm.recompile()
+        if ctx.example_inputs is not None:
+            propagate_shapes(gm, ctx.example_inputs)
+        return gm
+
+    def report(self, model: nn.Module, config: LinearizeReLU, plan: Plan, ctx: PassContext) -> Report:
+        rows = []
+        for site in plan.sites:
+            unit = model.get_submodule(site.data["unit"])
+            shape = site.shape
+            elements = math.prod(shape[1:]) if shape else None
+            rows.append({
+                "site": site.name, "op": site.op, "call": site.data["call"], "shape": shape,
+                "mask": list(unit.mask.shape) or "scalar", "params": unit.mask.numel(),
+                "relus": unit.relu_count(shape) if shape else None,
+                "macs": elements,  # one blend (multiply-accumulate) per element while masked
+            })
+        totals = {"params": sum(r["params"] for r in rows)}
+        if all(r["relus"] is not None for r in rows):
+            totals["relus"] = sum(r["relus"] for r in rows)
+            totals["macs"] = sum(r["macs"] for r in rows)
+        return Report("LinearizeReLU", ["site", "op", "call", "shape", "mask", "params", "relus", "macs"],
+                      rows, totals, notes=["relus: elements per example that pass through the activation; "
+                                           "macs: per example, one blend per element of a masked unit"])
+
+
+@register_pass(FinalizeReLU)
+class FinalizeReLUHandler(PassHandler):
+    """Freeze MaskedReLU units: identity / plain activation / frozen binary mask."""
+
+    def plan(self, model: nn.Module, config: FinalizeReLU, ctx: PassContext) -> Plan:
+        if not isinstance(model, fx.GraphModule):
+            raise PlanError(f"FinalizeReLU works on the model LinearizeReLU returned; {type(model).__name__} "
+                            f"is not one. Apply LinearizeReLU first (surgeon.apply(surgery, FinalizeReLU()).")
+        found = []
+        for node in model.graph.nodes:
+            if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), MaskedReLU):
+                unit = model.get_submodule(str(node.target))
+                binary = (unit.mask.detach() >= config.threshold)
+                action = "identity" if not binary.any() else "relu" if binary.all() else "masked"
+                found.append(Site(name=str(node.target), base=str(node.target), kind="fx", op=unit.kind,
+                                  scope=node_scope(node), node=node.name, shape=node_shape(node),
+                                  data={"action": action, "kept": int(binary.sum()), "entries": binary.numel()}))
+        if not found:
+            raise PlanError("FinalizeReLU found no MaskedReLU unit: apply LinearizeReLU first.")
+        if ctx.recorded_sites is not None:
+            sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
+        else:
+            sites = select_sites(found, config.targets, config.exclude, config.filter_fn,
+                                 resolve_module=lambda s: model.get_submodule(s.name), what="MaskedReLU unit")
+        return Plan(sites)
+
+    def rewrite(self, model: nn.Module, config: FinalizeReLU, plan: Plan, ctx: PassContext) -> nn.Module:
+        gm: fx.GraphModule = model  # type: ignore[assignment]
+        nodes = _nodes_by_name(gm)
+        for site in plan.sites:
+            finalize_site(gm, nodes[site.node], site, config.threshold)
+        gm.delete_all_unused_submodules()
+        gm.graph.lint()
+        gm.recompile()
+        if ctx.example_inputs is not None:
+            propagate_shapes(gm, ctx.example_inputs)
+        return gm
+
+    def report(self, model: nn.Module, config: FinalizeReLU, plan: Plan, ctx: PassContext) -> Report:
+        rows = []
+        for s in plan.sites:
+            per_example = math.prod(s.shape[1:]) if s.shape else None
+            kept = s.data["kept"] / s.data["entries"]
+            rows.append({"site": s.name, "op": s.op, "action": s.data["action"],
+                         "kept": f"{s.data['kept']}/{s.data['entries']}",
+                         "relus": int(round(kept * per_example)) if per_example else None})
+        totals = {"relus": sum(r["relus"] for r in rows)} if all(r["relus"] is not None for r in rows) else {}
+        return Report("FinalizeReLU", ["site", "op", "action", "kept", "relus"], rows, totals)

@@ -1,0 +1,39 @@
+"""surgeon: rewrite a trained PyTorch model into a cheaper one that behaves the same, then prove it.
+
+Example:
+    >>> import torch, torch.nn as nn, surgeon
+    >>> from surgeon.passes import LinearizeReLU
+    >>> s = surgeon.apply(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), LinearizeReLU(granularity="layer"))
+    >>> type(s.model).__name__
+    'Sequential'
+"""
+__version__ = "0.1.0"
+
+from surgeon.api import Surgery, apply
+from surgeon.config import PassConfig
+from surgeon.errors import (
+    ConfigError,
+    ExportError,
+    PlanError,
+    RecipeError,
+    RestoreError,
+    RewriteError,
+    SelectionError,
+    SurgeonError,
+    TraceError,
+    VerificationError,
+)
+from surgeon.pass_api import ModuleSwapHandler, PassContext, PassHandler, register_pass
+from surgeon.persist import load_recipe, restore, save
+from surgeon.recipe import Recipe
+from surgeon.report import Report, ReportGroup
+from surgeon.sites import Plan, Site
+
+import surgeon.passes  # noqa: E402,F401  (registers the built-in passes)
+
+__all__ = [
+    "apply", "Surgery", "save", "restore", "load_recipe", "Recipe", "PassConfig", "PassHandler",
+    "ModuleSwapHandler", "PassContext", "register_pass", "Site", "Plan", "Report", "ReportGroup",
+    "SurgeonError", "ConfigError", "SelectionError", "TraceError", "PlanError", "RewriteError",
+    "RecipeError", "RestoreError", "ExportError", "VerificationError",
+]

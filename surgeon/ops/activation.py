@@ -1,0 +1,177 @@
+"""ReLU-family building blocks: recognise ReLU call sites in FX graphs, and the linearizable units.
+
+A linearizable unit computes ``y = m ⊙ act(x) + (1 − m) ⊙ x`` where ``act`` is ReLU or ReLU6 and the
+linear unit is the identity. With ``m = 1`` it is exactly ``act(x)``.
+
+ReLU-count convention (used by every report): a site's ReLU count is the number of elements *per
+example* (one input sample, batch dimension excluded) on which the nonlinearity is evaluated, i.e. the
+elements whose mask entry is non-zero. A ReLU6 element counts as one ReLU (its upper clip at 6 is
+counted with it). Identity elements count zero.
+
+Example:
+    >>> import torch
+    >>> unit = MaskedReLU("relu", mask_shape=(3, 1, 1))
+    >>> x = torch.randn(2, 3, 4, 4)
+    >>> torch.equal(unit(x), torch.relu(x))
+    True
+    >>> unit.relu_count([2, 3, 4, 4])
+    48
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from surgeon.fx_graph import SurgeonUnit
+
+ActKind = Literal["relu", "relu6"]
+Granularity = Literal["layer", "channel", "pixel"]
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
+_RELU6_FUNCTIONS = {F.relu6}
+_RELU_METHODS = {"relu", "relu_"}
+_CLAMP_FUNCTIONS = {torch.clamp, torch.clip, torch.clamp_min}
+_CLAMP_METHODS = {"clamp", "clip", "clamp_", "clip_", "clamp_min", "clamp_min_"}
+
+
+def activation(kind: ActKind, x: torch.Tensor) -> torch.Tensor:
+    """Out-of-place ReLU or ReLU6."""
+    return torch.relu(x) if kind == "relu" else F.relu6(x)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _clamp_kind(node: fx.Node) -> ActKind | None:
+    """clamp(x, 0) / clamp(x, min=0) / clamp(x, 0, 6) spelled as function or method."""
+    args = list(node.args[1:])
+    low = _number(node.kwargs.get("min", args[0] if args else None))
+    high_raw = node.kwargs.get("max", args[1] if len(args) > 1 else None)
+    high = _number(high_raw)
+    if node.target in (torch.clamp_min, "clamp_min", "clamp_min_"):
+        high_raw = None
+    if low != 0.0:
+        return None
+    if high_raw is None:
+        return "relu"
+    return "relu6" if high == 6.0 else None
+
+
+def relu_kind(node: fx.Node, gm: fx.GraphModule) -> ActKind | None:
+    """Which ReLU-family activation this node computes (``None`` if it is not one).
+
+    Recognises ``nn.ReLU``/``nn.ReLU6`` modules, ``F.relu``/``torch.relu``/``relu_`` (functions and
+    methods, in-place too), ``F.relu6``, ``F.hardtanh(x, 0, 6)`` and ``clamp``/``clip`` with bounds 0 (and 6).
+    """
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if type(module) is nn.ReLU:
+            return "relu"
+        if type(module) is nn.ReLU6:
+            return "relu6"
+        if type(module) is nn.Hardtanh and module.min_val == 0.0 and module.max_val == 6.0:
+            return "relu6"
+        return None
+    if node.op == "call_function":
+        if node.target in _RELU_FUNCTIONS:
+            return "relu"
+        if node.target in _RELU6_FUNCTIONS:
+            return "relu6"
+        if node.target in (F.hardtanh, F.hardtanh_):
+            args = list(node.args[1:])
+            low = _number(node.kwargs.get("min_val", args[0] if args else -1.0))
+            high = _number(node.kwargs.get("max_val", args[1] if len(args) > 1 else 1.0))
+            return "relu6" if (low, high) == (0.0, 6.0) else None
+        if node.target in _CLAMP_FUNCTIONS:
+            return _clamp_kind(node)
+        return None
+    if node.op == "call_method":
+        if node.target in _RELU_METHODS:
+            return "relu"
+        if node.target in _CLAMP_METHODS:
+            return _clamp_kind(node)
+    return None
+
+
+def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True for ``relu_``, ``inplace=True`` calls and ``nn.ReLU(inplace=True)`` modules."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    target_name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return bool(node.kwargs.get("inplace", False)) or str(target_name).endswith("_")
+
+
+def mask_shape(granularity: Granularity, shape: Sequence[int] | None, channel_dim: int) -> tuple[int, ...]:
+    """Shape of a per-example mask for an activation of full (batched) ``shape``.
+
+    ``layer`` → ``()``; ``channel`` → size of ``channel_dim`` broadcast over the other dims; ``pixel`` →
+    the whole per-example shape.
+    """
+    if granularity == "layer":
+        return ()
+    assert shape is not None, "shape needed for channel/pixel masks"
+    if granularity == "pixel":
+        return tuple(shape[1:])
+    dim = channel_dim % len(shape)
+    if dim == 0:
+        raise ValueError("channel_dim cannot be the batch dimension")
+    return tuple(shape[d] if d == dim else 1 for d in range(1, len(shape)))
+
+
+def count_kept(mask: torch.Tensor, shape: Sequence[int]) -> int:
+    """Elements per example on which the nonlinearity runs, for a mask broadcast to ``shape[1:]``."""
+    per_example = math.prod(shape[1:])
+    if mask.numel() == 0:
+        return 0
+    kept_fraction = (mask != 0).sum().item() / mask.numel()
+    return int(round(kept_fraction * per_example))
+
+
+class MaskedReLU(SurgeonUnit):
+    """``m ⊙ act(x) + (1 − m) ⊙ x`` with a trainable mask ``m`` (initialised to 1: exactly ``act``)."""
+
+    def __init__(self, kind: ActKind, mask_shape: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.kind = kind
+        self.mask = nn.Parameter(torch.ones(tuple(mask_shape)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask.to(x.dtype)
+        return m * activation(self.kind, x) + (1 - m) * x
+
+    def relu_count(self, shape: Sequence[int]) -> int:
+        return count_kept(self.mask.detach(), shape)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, mask_shape={tuple(self.mask.shape)}"
+
+
+class BinaryMaskedReLU(SurgeonUnit):
+    """Frozen 0/1 mask: ``act(x)`` where the mask is 1, ``x`` where it is 0 (exact ``torch.where``)."""
+
+    def __init__(self, kind: ActKind, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("mask", mask.detach().to(torch.bool).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, activation(self.kind, x), x)
+
+    def relu_count(self, shape: Sequence[int]) -> int:
+        return count_kept(self.mask, shape)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, kept={int(self.mask.sum())}/{self.mask.numel()}"
+
+
+def plain_activation_target(kind: ActKind):
+    """The functional op a finalized all-ReLU site becomes."""
+    return torch.relu if kind == "relu" else F.relu6
+
+
