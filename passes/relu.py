@@ -185,6 +185,8 @@ def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site], modules_called: Co
             owner_path = site.scope if site.data["call"] != "module" else site.base.rpartition(".")[0]
             owner = get_submodule(gm, owner_path)
             leaf = site.name.rpartition(".")[2].replace("@", "_")
+            if site.data["call"] == "module":  # k-th call of a shared module: relu_0, relu_1, ...
+                leaf = site.base.rpartition(".")[2] + "_" + (site.name.partition("@")[2] or "0")
             candidate = free_attr_name(owner, leaf)
             while f"{owner_path}.{candidate}".lstrip(".") in taken:
                 candidate = free_attr_name(owner, candidate + "_")

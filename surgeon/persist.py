@@ -51,6 +51,10 @@ def load_recipe(directory: str | Path) -> Recipe:
     if not path.is_file():
         raise RestoreError(f"{path} does not exist: is {directory} a directory written by surgeon.save?")
     text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
     weights = directory / WEIGHTS_FILE
     if weights.is_file():
         with safe_open(str(weights), "pt") as f:
@@ -60,7 +64,7 @@ def load_recipe(directory: str | Path) -> Recipe:
                 f"{path} was changed after it was saved (its sha256 no longer matches the one in {weights.name}); "
                 f"the weights belong to the original recipe. Re-save the surgery instead of editing the recipe."
             )
-    return Recipe.from_json(text, source=str(path))
+    return Recipe.from_dict(data)
 
 
 def restore(base_model: nn.Module, directory: str | Path) -> nn.Module:

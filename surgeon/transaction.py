@@ -1,7 +1,8 @@
 """Transactional rewrites: snapshot a model, roll it back bit-identically if a rewrite fails.
 
 The snapshot records, for every module, its attribute dict (children, parameters, buffers, hooks,
-flags) and a copy of every tensor's value; model configs (Hugging Face ``config``) are deep-copied.
+flags) and a copy of every tensor's value; FX graphs and model configs (Hugging Face ``config``) are
+deep-copied.
 ``rollback()`` puts all of it back, so parameters, buffers, the module tree and outputs are as before.
 
 Example:
@@ -23,6 +24,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 _DICT_ATTRS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set",
@@ -38,12 +40,15 @@ class ModelSnapshot:
         self.modules: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
         self.values: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
         self.configs: list[tuple[Any, dict[str, Any]]] = []
+        self.graphs: list[tuple[fx.GraphModule, fx.Graph]] = []
         seen_tensors: set[int] = set()
         seen_configs: set[int] = set()
         for module in model.modules():
             attrs = dict(module.__dict__)
             inner = {k: copy.copy(attrs[k]) for k in _DICT_ATTRS if k in attrs}
             self.modules.append((module, attrs, inner))
+            if isinstance(module, fx.GraphModule):  # graphs are edited in place: keep a copy
+                self.graphs.append((module, copy.deepcopy(module.graph)))
             for t in list(module._parameters.values()) + list(module._buffers.values()):
                 if t is not None and id(t) not in seen_tensors:
                     seen_tensors.add(id(t))
@@ -72,6 +77,9 @@ class ModelSnapshot:
         for config, state in self.configs:
             config.__dict__.clear()
             config.__dict__.update(state)
+        for gm, graph in self.graphs:
+            gm.graph = copy.deepcopy(graph)
+            gm.recompile()
 
 
 class Transaction:
