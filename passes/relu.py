@@ -134,7 +134,9 @@ def finalize_site(gm: fx.GraphModule, node: fx.Node, site: Site, threshold: floa
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     else:
-        set_submodule(gm, str(node.target), BinaryMaskedReLU(unit.kind, unit.mask.detach() >= threshold))
+        frozen = BinaryMaskedReLU(unit.kind, unit.mask.detach() >= threshold)
+        frozen.site_name = site.name
+        set_submodule(gm, str(node.target), frozen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +249,7 @@ class LinearizeReLUHandler(PassHandler):
         nodes = _nodes_by_name(gm)
         for site in plan.sites:
             unit = MaskedReLU(site.op, site.data["mask_shape"])  # type: ignore[arg-type]
+            unit.site_name = site.name  # FinalizeReLU reports and selects by the same name
             with torch.no_grad():
                 unit.mask.fill_(config.init)
             rewrite_site(gm, nodes[site.node], site, unit)
@@ -292,16 +295,18 @@ class FinalizeReLUHandler(PassHandler):
                 unit = model.get_submodule(str(node.target))
                 binary = (unit.mask.detach() >= config.threshold)
                 action = "identity" if not binary.any() else "relu" if binary.all() else "masked"
-                found.append(Site(name=str(node.target), base=str(node.target), kind="fx", op=unit.kind,
+                name = getattr(unit, "site_name", str(node.target))
+                found.append(Site(name=name, base=name.partition("@")[0], kind="fx", op=unit.kind,
                                   scope=node_scope(node), node=node.name, shape=node_shape(node),
-                                  data={"action": action, "kept": int(binary.sum()), "entries": binary.numel()}))
+                                  data={"unit": str(node.target), "action": action, "kept": int(binary.sum()),
+                                        "entries": binary.numel()}))
         if not found:
             raise PlanError("FinalizeReLU found no MaskedReLU unit: apply LinearizeReLU first.")
         if ctx.recorded_sites is not None:
             sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
         else:
             sites = select_sites(found, config.targets, config.exclude, config.filter_fn,
-                                 resolve_module=lambda s: model.get_submodule(s.name), what="MaskedReLU unit")
+                                 resolve_module=lambda s: model.get_submodule(s.data["unit"]), what="MaskedReLU unit")
         return Plan(sites)
 
     def rewrite(self, model: nn.Module, config: FinalizeReLU, plan: Plan, ctx: PassContext) -> nn.Module:
@@ -326,3 +331,16 @@ class FinalizeReLUHandler(PassHandler):
                          "relus": int(round(kept * per_example)) if per_example else None})
         totals = {"relus": sum(r["relus"] for r in rows)} if all(r["relus"] is not None for r in rows) else {}
         return Report("FinalizeReLU", ["site", "op", "action", "kept", "relus"], rows, totals)
+
+
+def masked_units(model: nn.Module) -> dict[str, MaskedReLU | BinaryMaskedReLU]:
+    """The model's ReLU units keyed by site name (``"layer1.0.relu@1"``), in graph order.
+
+    Example:
+        >>> import torch.nn as nn, surgeon
+        >>> s = surgeon.apply(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), LinearizeReLU(granularity="layer"))
+        >>> list(masked_units(s.model))
+        ['1']
+    """
+    return {getattr(m, "site_name", name): m for name, m in model.named_modules()
+            if isinstance(m, (MaskedReLU, BinaryMaskedReLU))}

@@ -37,3 +37,12 @@ __all__ = [
     "SurgeonError", "ConfigError", "SelectionError", "TraceError", "PlanError", "RewriteError",
     "RecipeError", "RestoreError", "ExportError", "VerificationError",
 ]
+
+
+def __getattr__(name: str):
+    """``surgeon.export`` is imported on first use (it pulls in onnx and onnxruntime)."""
+    if name == "export":
+        import importlib
+
+        return importlib.import_module("surgeon.export")
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")

@@ -108,12 +108,13 @@ class Recipe:
     base: dict[str, Any]
     entries: list[RecipeEntry] = field(default_factory=list)
     example_inputs: list[dict[str, Any]] | None = None
+    source: dict[str, Any] | None = None  # how to rebuild the base model, e.g. {"model": "efficientnet_lite0"}
 
     def to_dict(self) -> dict[str, Any]:
         from surgeon import __version__
 
         return {"format": FORMAT, "surgeon_version": __version__, "base": self.base,
-                "example_inputs": self.example_inputs, "passes": [e.to_dict() for e in self.entries]}
+                "example_inputs": self.example_inputs, "source": self.source, "passes": [e.to_dict() for e in self.entries]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -130,7 +131,7 @@ class Recipe:
         if not isinstance(d["passes"], list):
             raise RecipeError("recipe 'passes' must be a list")
         entries = [RecipeEntry.from_dict(e, i) for i, e in enumerate(d["passes"])]
-        return cls(base=d["base"], entries=entries, example_inputs=d.get("example_inputs"))
+        return cls(base=d["base"], entries=entries, example_inputs=d.get("example_inputs"), source=d.get("source"))
 
     @classmethod
     def from_json(cls, text: str, source: str = "recipe") -> "Recipe":

@@ -89,6 +89,11 @@ class Report:
              "totals": self.totals, "summary": self.summary, "notes": self.notes}
         )
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        return cls(d["title"], d["columns"], d.get("rows", []), d.get("totals", {}), d.get("summary", {}),
+                   d.get("notes", []))
+
     def save(self, path: str | Path) -> Path:
         """Write the report as JSON (and return the path)."""
         path = Path(path)
@@ -115,6 +120,10 @@ class ReportGroup:
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "reports": [r.to_dict() for r in self.reports]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReportGroup":
+        return cls(d["title"], [Report.from_dict(r) for r in d.get("reports", [])])
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.passes import FinalizeReLU, LinearizeReLU
+from surgeon.passes import FinalizeReLU, LinearizeReLU, masked_units
 
 from conftest import TinyResNet, randomize_bn
 
@@ -21,7 +21,7 @@ def _trained(resnet, images):
         for name, p in s.model.named_parameters():
             if name.endswith("mask"):
                 p.copy_(torch.rand(p.shape, generator=g))
-        s.model.get_submodule("head.relu_2").mask.zero_()
+        masked_units(s.model)["head.relu@2"].mask.zero_()
     return s
 
 
@@ -42,7 +42,7 @@ def test_save_restore_identical_outputs(resnet, images, tmp_path):
     assert [p["pass"] for p in recipe["passes"]] == ["LinearizeReLU", "FinalizeReLU"]
     assert recipe["example_inputs"] == [{"shape": [2, 3, 12, 12], "dtype": "float32"}]
     actions = {site["name"]: site["data"]["action"] for site in recipe["passes"][1]["sites"]}
-    assert actions["head.relu_2"] == "identity"
+    assert actions["head.relu@2"] == "identity"
     assert json.loads((tmp_path / "final" / "report.json").read_text())["title"] == "surgery"
 
 

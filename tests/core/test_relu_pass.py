@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import surgeon
 from surgeon.ops.activation import BinaryMaskedReLU, MaskedReLU
-from surgeon.passes import FinalizeReLU, LinearizeReLU
+from surgeon.passes import FinalizeReLU, LinearizeReLU, masked_units
 
 EXPECTED_SITES = [
     "stem.2", "layer1.0.relu", "layer1.0.relu@1", "layer1.1.relu", "layer1.1.relu@1", "relu",
@@ -111,10 +111,11 @@ def test_relu_count_and_macs_follow_the_documented_convention(resnet, images):
 
 
 def _set_masks(model: nn.Module, fill: dict[str, str]) -> None:
-    """fill maps unit path -> 'zero' | 'one' | 'half' (every other channel kept)."""
+    """fill maps site name -> 'zero' | 'one' | 'half' (every other channel kept)."""
+    units = masked_units(model)
     with torch.no_grad():
-        for path, how in fill.items():
-            m = model.get_submodule(path).mask
+        for site, how in fill.items():
+            m = units[site].mask
             if how == "zero":
                 m.zero_()
             elif how == "half":
@@ -128,21 +129,22 @@ def _relu_nodes(gm: fx.GraphModule) -> int:
 
 def test_finalize_removes_identity_sites_and_restores_plain_relus(resnet, images):
     s = surgeon.apply(resnet, LinearizeReLU(granularity="channel"), example_inputs=(images,))
-    _set_masks(s.model, {"stem.2": "zero", "layer1.0.relu_1": "zero", "head.relu6": "half", "head.relu_2": "half"})
+    _set_masks(s.model, {"stem.2": "zero", "layer1.0.relu@1": "zero", "head.relu6": "half", "head.relu@2": "half"})
     x = torch.randn(3, 3, 12, 12)
     masked_out = s.model(x)
     nodes_before = len(s.model.graph.nodes)
 
     f = surgeon.apply(s, FinalizeReLU())
     actions = {r["site"]: r["action"] for r in f.report["FinalizeReLU"].rows}
-    assert actions["stem.2"] == actions["layer1.0.relu_1"] == "identity"
-    assert actions["head.relu6"] == actions["head.relu_2"] == "masked"
+    assert actions["stem.2"] == actions["layer1.0.relu@1"] == "identity"
+    assert actions["head.relu6"] == actions["head.relu@2"] == "masked"
     assert list(actions.values()).count("relu") == 7
     gm = f.model
     assert len(gm.graph.nodes) == nodes_before - 2  # identity sites are gone from the graph
     assert _relu_nodes(gm) == 7
     assert sum(isinstance(m, MaskedReLU) for m in gm.modules()) == 0
     assert sum(isinstance(m, BinaryMaskedReLU) for m in gm.modules()) == 2
+    assert list(masked_units(gm)) == ["head.relu6", "head.relu@2"]
     torch.testing.assert_close(gm(x), masked_out, rtol=1e-6, atol=1e-6)
     # finalized ReLU count: 2 identity sites drop out, 2 sites keep half their channels
     summary = {r["metric"]: r for r in f.report["model (per example)"].rows}

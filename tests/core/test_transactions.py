@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import surgeon
 import surgeon.passes.relu as relu_pass
-from surgeon.passes import FinalizeReLU, LinearizeReLU
+from surgeon.passes import FinalizeReLU, LinearizeReLU, masked_units
 
 
 def state_of(model: nn.Module) -> dict:
@@ -71,8 +71,9 @@ def test_fault_at_every_site_index_rolls_back(resnet, images, monkeypatch, inpla
 def test_fault_during_finalize_rolls_back_the_masked_model(resnet, images, monkeypatch):
     s = surgeon.apply(resnet, LinearizeReLU(granularity="channel"), example_inputs=(images,))
     with torch.no_grad():
-        s.model.get_submodule("stem.2").mask.zero_()
-        s.model.get_submodule("head.relu6").mask[::2] = 0.0
+        units = masked_units(s.model)
+        units["stem.2"].mask.zero_()
+        units["head.relu6"].mask[::2] = 0.0
     x = torch.randn(3, 3, 12, 12)
     out = s.model(x)
     before = state_of(s.model)
