@@ -1,0 +1,17 @@
+"""surgeon.export: ONNX export with a manifest, and onnxruntime verification.
+
+Example:
+    >>> import torch, surgeon.export
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> res = surgeon.export.to_onnx(net, "/tmp/doc_pkg", torch.randn(2, 4))
+    >>> surgeon.export.verify(res.onnx_path.parent, net).passed
+    True
+"""
+from surgeon.export.manifest import GraphSpec, Manifest, TensorSpec, load_manifest
+from surgeon.export.onnx_export import ExportResult, flatten_outputs, to_onnx
+from surgeon.export.verify import VerifyReport, verify
+
+__all__ = [
+    "to_onnx", "verify", "ExportResult", "VerifyReport", "load_manifest",
+    "Manifest", "GraphSpec", "TensorSpec", "flatten_outputs",
+]
