@@ -67,10 +67,20 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def seeded_resnet(seed: int = 0) -> TinyResNet:
+    """A deterministic TinyResNet (also the CLI's ``--model conftest:seeded_resnet`` factory)."""
+    torch.manual_seed(seed)
+    return randomize_bn(TinyResNet(), seed).eval()
+
+
+def other_resnet() -> TinyResNet:
+    """Same architecture, different weights: the wrong model for a verification."""
+    return seeded_resnet(seed=1)
+
+
 @pytest.fixture
 def resnet() -> TinyResNet:
-    torch.manual_seed(0)
-    return randomize_bn(TinyResNet()).eval()
+    return seeded_resnet()
 
 
 @pytest.fixture
