@@ -12,7 +12,7 @@ Example:
     >>> LinearizeAttention(gate="sometimes").validate()
     Traceback (most recent call last):
     ...
-    surgeon.errors.ConfigError: LinearizeAttention.gate must be one of ['none', 'liger', 'learned'], got 'sometimes'
+    surgeon.errors.ConfigError: LinearizeAttention.gate: 'sometimes' is not one of ['none', 'liger', 'learned']
 """
 from __future__ import annotations
 
