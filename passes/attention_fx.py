@@ -1,0 +1,957 @@
+"""FX path of ``LinearizeAttention``: find hand-written attention in a traced graph and rewrite it.
+
+``find_attention`` recognises, one match per *call site*:
+
+* ``F.scaled_dot_product_attention(q, k, v, attn_mask=..., is_causal=..., scale=...)`` (positional or
+  keyword arguments, any spelling that reaches ``torch._C._nn.scaled_dot_product_attention``);
+* ``softmax(q @ kᵀ · s + mask) @ v`` written by hand: the products as ``@`` / ``torch.matmul`` /
+  ``.matmul`` / ``torch.bmm`` / ``torch.einsum("bhqd,bhkd->bhqk", ...)``; kᵀ as ``.transpose(-2, -1)``,
+  ``.transpose(2, 3)``, ``.mT`` or ``.permute(...)``; the scale as ``* s``, ``/ s``, ``/ math.sqrt(d)``,
+  ``* d ** -0.5``, a pre-scaled q (or k), or none; masks as ``+ mask`` or ``masked_fill(mask, -inf /
+  finfo.min)`` (nanoGPT's ``masked_fill(self.bias[:, :, :T, :T] == 0, float('-inf'))`` included); the
+  softmax as ``F.softmax`` / ``torch.softmax`` / ``.softmax(-1)`` / an ``nn.Softmax(dim=-1)`` module;
+  dtype casts anywhere in the chain and an optional dropout between the softmax and ``@ v``;
+  q/k/v of shape (B, H, T, D) or (B·H, T, D).
+
+``plan_fx_attention`` / ``rewrite_fx_attention`` are what the ``LinearizeAttention`` handler calls for a
+model without Hugging Face attention modules: every selected match is replaced by one
+:class:`~surgeon.ops.fx_attention_unit.FxLinearAttention` call on the same q, k, v (and the masks
+that still matter), and the nodes that computed the softmax attention are removed from the graph.
+
+A mask made only of buffers, constants and sizes (nanoGPT's tril buffer, ``torch.ones(T, T).tril()``)
+is evaluated on the example inputs: a causal pattern makes the site causal and is dropped, an
+all-visible one is dropped, any other is kept. A mask computed from the inputs is kept and turned
+into a key-padding mask at run time (a key is valid when any query may see it); when its example
+value is causal the site is causal too.
+
+Example:
+    >>> import math, torch, torch.nn as nn
+    >>> class Attn(nn.Module):
+    ...     def forward(self, q, k, v):
+    ...         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1) @ v
+    >>> gm = trace_for_attention(Attn())
+    >>> [(m.kind, m.spelling, m.scale) for m in find_attention(gm)]
+    [('softmax', 'matmul/transpose/softmax/matmul', 0.35355339059327373)]
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from surgeon.errors import ConfigError, PlanError
+from surgeon.fx_graph import (
+    SurgeonTracer,
+    finish_graph,
+    free_attr_name,
+    node_scope,
+    node_shape,
+    propagate_shapes,
+    trace,
+)
+from surgeon.pass_api import PassContext, match_recorded
+from surgeon.passes.attention_config import LinearizeAttention
+from surgeon.report import Report
+from surgeon.selectors import select_sites
+from surgeon.sites import Plan, Site
+
+# ----------------------------------------------------------------------------------------------
+# what the matcher recognises
+
+_SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax}
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
+_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+_EINSUM_FUNCTIONS = {torch.einsum}
+_DROPOUT_FUNCTIONS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type_as", "type", "contiguous"}
+_MUL = {operator.mul, torch.mul, torch.Tensor.mul, "mul"}
+_DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, "div", "true_divide"}
+_ADD = {operator.add, torch.add, torch.Tensor.add, "add"}
+_MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill, "masked_fill"}
+_TRANSPOSE = {torch.transpose, torch.Tensor.transpose, "transpose", torch.swapaxes, "swapaxes",
+              torch.swapdims, "swapdims"}
+_PERMUTE = {torch.permute, torch.Tensor.permute, "permute"}
+NEG_THRESHOLD = -1e4  # an additive mask value at or below this hides the key (-inf, finfo.min, -1e9, -1e4)
+
+
+def _is(node: Any, targets: set) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in targets
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _ndim(node: Any) -> int | None:
+    shape = node_shape(node) if isinstance(node, fx.Node) else None
+    return len(shape) if shape is not None else None
+
+
+@dataclass
+class AttentionMatch:
+    """One attention call site in a traced graph.
+
+    ``scale`` is a float, a node (a scale computed in the graph), ``None`` (SDPA's default
+    1/√head_dim) or, for products of several computed factors, the list ``scale_terms`` of
+    ``(factor, ±1)``. ``masks`` holds ``(node, kind)`` with kind ``fill`` (True hides the key),
+    ``additive`` (≤ -1e4 hides it) or ``sdpa`` (bool: True keeps it; float: additive).
+    ``k_perm``: when the graph only holds kᵀ, the permutation that turns ``k`` into (…, T, D).
+    ``dead``: the nodes that have no use left once ``output`` is replaced (q, k, v, masks and scale
+    nodes kept).
+    """
+
+    kind: str  # "sdpa" | "softmax"
+    anchor: fx.Node  # the sdpa / softmax call (names the site)
+    output: fx.Node  # the node whose value is the attention output
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    k_perm: tuple[int, ...] | None = None
+    scale_terms: list[tuple[Any, int]] = field(default_factory=list)
+    default_scale: bool = False
+    masks: list[tuple[fx.Node, str]] = field(default_factory=list)
+    is_causal: bool = False
+    dropout: bool = False
+    spelling: str = ""
+    nodes: list[fx.Node] = field(default_factory=list)
+    dead: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def scale(self) -> float | fx.Node | list[tuple[Any, int]] | None:
+        if self.default_scale:
+            return None
+        coeff = 1.0
+        computed = []
+        for value, power in self.scale_terms:
+            number = _number(value)
+            if number is None:
+                computed.append((value, power))
+            else:
+                coeff = coeff * number if power > 0 else coeff / number
+        if not computed:
+            return coeff
+        if len(computed) == 1 and computed[0][1] == 1 and coeff == 1.0:
+            return computed[0][0]
+        return list(self.scale_terms)
+
+    @property
+    def ndim(self) -> int | None:
+        return _ndim(self.q) or _ndim(self.output)
+
+
+class _Reject(Exception):
+    """A softmax / matmul that looked like attention but is not one the rewrite can take (reason)."""
+
+
+# -- scores: q @ kᵀ ---------------------------------------------------------------------------------
+
+
+def _parse_einsum(equation: str) -> tuple[list[str], str] | None:
+    eq = equation.replace(" ", "").replace("...", "*")
+    if "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ops = lhs.split(",")
+    return (ops, out) if len(ops) == 2 else None
+
+
+def _einsum_operands(node: fx.Node) -> list[Any]:
+    rest = list(node.args[1:])
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+
+
+def _scores_einsum(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """``einsum('bhqd,bhkd->bhqk', q, k)`` → (q, k, k_is_transposed)."""
+    parsed = _parse_einsum(node.args[0]) if node.args and isinstance(node.args[0], str) else None
+    operands = _einsum_operands(node)
+    if parsed is None or len(operands) != 2:
+        return None
+    (a, b), out = parsed
+    if not (len(a) == len(b) == len(out) >= 3 and a[:-2] == b[:-2] == out[:-2]):
+        return None
+    i, d = a[-2], a[-1]
+    if d in out or out[-2] != i:
+        return None
+    if b[-1] == d and out[-1] == b[-2] and b[-2] != i:
+        return operands[0], operands[1], False
+    if b[-2] == d and out[-1] == b[-1] and b[-1] != i:
+        return operands[0], operands[1], True
+    return None
+
+
+def _output_einsum(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``einsum('bhqk,bhkd->bhqd', p, v)`` → (p, v)."""
+    parsed = _parse_einsum(node.args[0]) if node.args and isinstance(node.args[0], str) else None
+    operands = _einsum_operands(node)
+    if parsed is None or len(operands) != 2:
+        return None
+    (a, b), out = parsed
+    if not (len(a) == len(b) == len(out) >= 3 and a[:-2] == b[:-2] == out[:-2]):
+        return None
+    i, j = a[-2], a[-1]
+    if b[-2] == j and out[-2] == i and out[-1] == b[-1] and b[-1] not in (i, j):
+        return operands[0], operands[1]
+    return None
+
+
+def _is_matmul(node: Any) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _MATMUL_METHODS)
+    )
+
+
+def _is_einsum(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _EINSUM_FUNCTIONS
+
+
+def _normal_dims(dims: Sequence[int], ndim: int | None) -> list[int] | None:
+    if ndim is None:
+        if all(d < 0 for d in dims):
+            return None
+        if any(d < 0 for d in dims):
+            return None
+        return list(dims)
+    return [d % ndim for d in dims]
+
+
+def _untranspose(kt: Any, ndim: int | None) -> tuple[fx.Node, tuple[int, ...] | None, str] | None:
+    """kᵀ → (k node, permutation to apply to it or None, spelling)."""
+    if not isinstance(kt, fx.Node):
+        return None
+    if _is(kt, _TRANSPOSE):
+        a, b = _arg(kt, 1, "dim0"), _arg(kt, 2, "dim1")
+        if not (isinstance(a, int) and isinstance(b, int)):
+            return None
+        if {a, b} == {-2, -1}:
+            return kt.args[0], None, "transpose"
+        dims = _normal_dims((a, b), ndim)
+        if dims is None:
+            return None
+        last = (ndim - 1) if ndim is not None else max(dims)
+        if set(dims) == {last - 1, last}:
+            return kt.args[0], None, "transpose"
+        return None
+    if kt.op == "call_function" and kt.target is getattr and kt.args[1:] == ("mT",):
+        return kt.args[0], None, "mT"
+    if _is(kt, _PERMUTE):
+        rest = kt.args[1:]
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        if not dims and "dims" in kt.kwargs:
+            dims = list(kt.kwargs["dims"])
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return None
+        dims = [d % len(dims) for d in dims]
+        swapped = dims[:-2] + [dims[-1], dims[-2]]
+        perm = None if swapped == list(range(len(dims))) else tuple(swapped)
+        return kt.args[0], perm, "permute"
+    return None
+
+
+@dataclass
+class _Scores:
+    q: fx.Node
+    k: fx.Node
+    k_perm: tuple[int, ...] | None
+    core: fx.Node
+    spelling: str
+    k_user: fx.Node | None = None  # the node that reads k (kᵀ, or the core)
+    factors: list[tuple[Any, int]] = field(default_factory=list)
+    masks: list[tuple[fx.Node, str]] = field(default_factory=list)
+    chain: list[fx.Node] = field(default_factory=list)
+
+
+def _single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def _scores_core(node: fx.Node, ndim: int | None) -> _Scores | None:
+    if _is_einsum(node):
+        found = _scores_einsum(node)
+        if found is None:
+            return None
+        q, k, transposed = found
+        if not (isinstance(q, fx.Node) and isinstance(k, fx.Node)):
+            return None
+        perm = None
+        if transposed:
+            nd = ndim or _ndim(k)
+            if nd is None:
+                return None
+            perm = tuple(list(range(nd - 2)) + [nd - 1, nd - 2])
+        return _Scores(q, k, perm, node, "einsum", k_user=node)
+    if _is_matmul(node) and len(node.args) >= 2:
+        q, kt = node.args[0], node.args[1]
+        if not isinstance(q, fx.Node):
+            return None
+        nd = ndim or _ndim(kt) or (3 if node.target in (torch.bmm, "bmm", torch.Tensor.bmm) else None)
+        found = _untranspose(kt, nd)
+        if found is None:
+            return None
+        k, perm, how = found
+        if not isinstance(k, fx.Node):
+            return None
+        chain = [kt] if _single_user(kt) else []
+        name = "bmm" if node.target in (torch.bmm, "bmm", torch.Tensor.bmm) else "matmul"
+        return _Scores(q, k, perm, node, f"{name}/{how}", k_user=kt, chain=chain)
+    return None
+
+
+def _parse_scores(node: Any, ndim: int | None, depth: int = 0) -> _Scores | None:
+    """Walk back from the softmax input: scale factors, masks and casts down to q @ kᵀ."""
+    if not isinstance(node, fx.Node) or depth > 16 or not _single_user(node):
+        return None
+    core = _scores_core(node, ndim)
+    if core is not None:
+        return core
+
+    def below(inner: Any, factor: tuple[Any, int] | None = None, mask: tuple[Any, str] | None = None
+              ) -> _Scores | None:
+        found = _parse_scores(inner, ndim, depth + 1)
+        if found is None:
+            return None
+        found.chain.append(node)
+        if factor is not None:
+            found.factors.append(factor)
+        if mask is not None:
+            found.masks.append(mask)
+        return found
+
+    if node.op == "call_method" and node.target in _CAST_METHODS:
+        return below(node.args[0])
+    if _is(node, _MUL) and len(node.args) == 2:
+        a, b = node.args
+        for x, y in ((a, b), (b, a)):
+            if isinstance(x, fx.Node) and _scalar_like(y):
+                found = below(x, factor=(y, 1))
+                if found is not None:
+                    return found
+        return None
+    if _is(node, _DIV) and len(node.args) == 2 and not node.kwargs.get("rounding_mode"):
+        a, b = node.args
+        return below(a, factor=(b, -1)) if _scalar_like(b) else None
+    if _is(node, _ADD) and len(node.args) == 2 and "alpha" not in node.kwargs:
+        a, b = node.args
+        if _number(b) is not None:
+            return below(a)  # a constant shift: softmax ignores it
+        if _number(a) is not None:
+            return below(b)
+        for x, y in ((a, b), (b, a)):
+            if isinstance(x, fx.Node) and isinstance(y, fx.Node):
+                found = below(x, mask=(y, "additive"))
+                if found is not None:
+                    return found
+        return None
+    if _is(node, _MASKED_FILL):
+        mask, value = _arg(node, 1, "mask"), _arg(node, 2, "value")
+        number = _number(value)
+        if isinstance(mask, fx.Node) and number is not None and number <= NEG_THRESHOLD:
+            return below(node.args[0], mask=(mask, "fill"))
+    return None
+
+
+def _scalar_like(value: Any) -> bool:
+    """A number, or a node that is not a tensor with more than one element."""
+    if _number(value) is not None:
+        return True
+    if not isinstance(value, fx.Node):
+        return False
+    shape = node_shape(value)
+    if shape is None:
+        return "tensor_meta" not in value.meta or value.meta.get("tensor_meta") is None
+    return math.prod(shape) == 1
+
+
+def _peel_prescale(node: fx.Node, user: fx.Node) -> tuple[fx.Node, list[tuple[Any, int]], list[fx.Node]]:
+    """``q * s`` / ``q / s`` feeding only the scores: (q, factors, removed nodes)."""
+    factors: list[tuple[Any, int]] = []
+    removed: list[fx.Node] = []
+    while len(node.users) == 1 and user in node.users:
+        if _is(node, _MUL) and len(node.args) == 2:
+            a, b = node.args
+            if isinstance(a, fx.Node) and _number(b) is not None:
+                factors.append((b, 1))
+                removed.append(node)
+                user, node = node, a
+                continue
+            if isinstance(b, fx.Node) and _number(a) is not None:
+                factors.append((a, 1))
+                removed.append(node)
+                user, node = node, b
+                continue
+        if _is(node, _DIV) and len(node.args) == 2 and isinstance(node.args[0], fx.Node) \
+                and _number(node.args[1]) is not None and not node.kwargs.get("rounding_mode"):
+            factors.append((node.args[1], -1))
+            removed.append(node)
+            user, node = node, node.args[0]
+            continue
+        break
+    return node, factors, removed
+
+
+# -- softmax / sdpa --------------------------------------------------------------------------------
+
+
+def _softmax_input(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, Any, str] | None:
+    """(input, dim, spelling) if ``node`` is a softmax call."""
+    if node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS:
+        return _arg(node, 0, "input"), _arg(node, 1, "dim"), "softmax"
+    if node.op == "call_method" and node.target == "softmax":
+        return node.args[0], _arg(node, 1, "dim"), "softmax"
+    if node.op == "call_module":
+        try:
+            mod = gm.get_submodule(str(node.target))
+        except AttributeError:
+            return None
+        if isinstance(mod, nn.Softmax):
+            return node.args[0] if node.args else node.kwargs.get("input"), mod.dim, "nn.Softmax"
+    return None
+
+
+def _last_dim(dim: Any, ndim: int | None) -> bool:
+    if not isinstance(dim, int):
+        return False
+    if dim == -1:
+        return True
+    return ndim is not None and dim == ndim - 1
+
+
+def _match_softmax(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch | None:
+    found = _softmax_input(node, gm)
+    if found is None:
+        return None
+    inp, dim, spelling = found
+    ndim = _ndim(node) or _ndim(inp)
+    if not isinstance(inp, fx.Node):
+        return None
+    if not _last_dim(dim, ndim):
+        if isinstance(dim, int) and ndim is None and dim in (2, 3):
+            ndim = dim + 1
+        else:
+            return None
+    scores = _parse_scores(inp, ndim)
+    if scores is None:
+        return None
+    # forward: softmax → (casts, dropout) → @ v
+    chain: list[fx.Node] = []
+    cur, dropout = node, False
+    while True:
+        if len(cur.users) != 1:
+            raise _Reject(f"the attention weights ({cur.name}) are also used elsewhere (returned or read): "
+                          "linear attention does not form them")
+        nxt = next(iter(cur.users))
+        is_drop = (nxt.op == "call_function" and nxt.target in _DROPOUT_FUNCTIONS) or (
+            nxt.op == "call_module" and isinstance(_module(gm, nxt), nn.Dropout))
+        is_cast = nxt.op == "call_method" and nxt.target in _CAST_METHODS
+        if is_drop or is_cast:
+            dropout = dropout or is_drop
+            chain.append(nxt)
+            cur = nxt
+            continue
+        break
+    if _is_matmul(nxt) and len(nxt.args) >= 2 and nxt.args[0] is cur and nxt.args[1] is not cur:
+        v, out_spelling = nxt.args[1], ("bmm" if nxt.target in (torch.bmm, "bmm", torch.Tensor.bmm) else "matmul")
+    elif _is_einsum(nxt) and _output_einsum(nxt) is not None and _output_einsum(nxt)[0] is cur:
+        v, out_spelling = _output_einsum(nxt)[1], "einsum"
+    else:
+        return None
+    if not isinstance(v, fx.Node):
+        return None
+    q, q_factors, q_removed = _peel_prescale(scores.q, scores.core)
+    k, k_factors, k_removed = _peel_prescale(scores.k, scores.k_user)
+    parts = [scores.spelling]
+    if scores.masks:
+        parts.append("+".join(kind if kind != "fill" else "masked_fill" for _, kind in scores.masks))
+    parts.append(spelling)
+    if dropout:
+        parts.append("dropout")
+    parts.append(out_spelling)
+    return AttentionMatch(
+        kind="softmax", anchor=node, output=nxt, q=q, k=k, v=v, k_perm=scores.k_perm,
+        scale_terms=q_factors + k_factors + scores.factors, masks=scores.masks, dropout=dropout,
+        spelling="/".join(parts),
+        nodes=q_removed + k_removed + scores.chain + [scores.core, node] + chain + [nxt],
+    )
+
+
+def _match_sdpa(node: fx.Node) -> AttentionMatch | None:
+    if not (node.op == "call_function" and node.target in _SDPA_TARGETS):
+        return None
+    args = {name: _arg(node, i, name) for i, name in enumerate(_SDPA_ARGS)}
+    q, k, v = args["query"], args["key"], args["value"]
+    if not all(isinstance(x, fx.Node) for x in (q, k, v)):
+        return None
+    is_causal = args["is_causal"] or False
+    if not isinstance(is_causal, bool):
+        raise _Reject(f"{node.name}: is_causal is computed in the graph ({is_causal}); it must be a constant")
+    scale = args["scale"]
+    masks = [(args["attn_mask"], "sdpa")] if isinstance(args["attn_mask"], fx.Node) else []
+    return AttentionMatch(
+        kind="sdpa", anchor=node, output=node, q=q, k=k, v=v,
+        scale_terms=[] if scale is None else [(scale, 1)], default_scale=scale is None,
+        masks=masks, is_causal=is_causal, dropout=_number(args["dropout_p"]) not in (None, 0.0),
+        spelling="sdpa" + ("/mask" if masks else "") + ("/is_causal" if is_causal else ""), nodes=[node],
+    )
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    try:
+        return gm.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+
+
+def _dead_nodes(gm: fx.GraphModule, match: AttentionMatch) -> list[fx.Node]:
+    """Nodes left without a use once ``match.output`` is replaced (graph order)."""
+    keep = {match.q, match.k, match.v, *(m for m, _ in match.masks)}
+    keep |= {value for value, _ in match.scale_terms if isinstance(value, fx.Node)}
+    dead: set[fx.Node] = {match.output}
+    stack = list(match.output.all_input_nodes)
+    candidates: set[fx.Node] = set()
+    while stack:
+        n = stack.pop()
+        if n in candidates or n in keep or n.op in ("placeholder", "output"):
+            continue
+        candidates.add(n)
+        stack.extend(n.all_input_nodes)
+    for n in reversed(gm.graph.nodes):
+        if n in candidates and all(u in dead for u in n.users) and not n.is_impure():
+            dead.add(n)
+    return [n for n in gm.graph.nodes if n in dead]
+
+
+def find_attention(gm: fx.GraphModule, skipped: list[str] | None = None) -> list[AttentionMatch]:
+    """Every attention call site of a traced graph, in graph order (see the module docstring).
+
+    Softmaxes that look like attention but cannot be rewritten (their weights are used elsewhere)
+    are left out; ``skipped`` (a list) receives the reason for each.
+    """
+    matches: list[AttentionMatch] = []
+    for node in gm.graph.nodes:
+        try:
+            match = _match_sdpa(node) or _match_softmax(node, gm)
+        except _Reject as e:
+            if skipped is not None:
+                skipped.append(str(e))
+            continue
+        if match is not None:
+            match.dead = _dead_nodes(gm, match)
+            matches.append(match)
+    return matches
+
+
+# ----------------------------------------------------------------------------------------------
+# tracing and example values
+
+
+@contextlib.contextmanager
+def _buffers_as_graph_values() -> Iterator[None]:
+    """Trace buffers as ``get_attr`` nodes, so ``self.bias[:, :, :T, :T]`` (a proxy size) traces.
+
+    TODO(surgeon.fx_graph): a ``proxy_buffers`` option of ``trace`` would make this unnecessary.
+    """
+    old = SurgeonTracer.__dict__.get("proxy_buffer_attributes", None)
+    SurgeonTracer.proxy_buffer_attributes = True
+    try:
+        yield
+    finally:
+        if old is None:
+            del SurgeonTracer.proxy_buffer_attributes
+        else:
+            SurgeonTracer.proxy_buffer_attributes = old
+
+
+def trace_for_attention(model: nn.Module, leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
+    """``surgeon.fx_graph.trace`` with buffers traced as graph values (nanoGPT's sliced tril mask)."""
+    with _buffers_as_graph_values():
+        return trace(model, leaf_modules)
+
+
+class _Capture(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], nodes: set[fx.Node]) -> dict[fx.Node, Any]:
+    modes = {m: m.training for m in gm.modules()}
+    try:
+        gm.eval()
+        with torch.no_grad():
+            interp = _Capture(gm, nodes)
+            interp.run(*example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return interp.values
+
+
+_SHAPE_ONLY = {"size", "dim", "numel"}
+
+
+def _data_dependent(node: fx.Node) -> bool:
+    """True when ``node`` reads the *values* of a model input (not only its sizes, dtype or device)."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        if n.op == "call_method" and n.target in _SHAPE_ONLY:
+            continue
+        if n.op == "call_function" and n.target is getattr and n.args[1:2] and \
+                n.args[1] in ("shape", "dtype", "device", "ndim"):
+            continue
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def allowed_keys(mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """Bool tensor, True where a query may attend to a key, from a mask of the given kind."""
+    if kind == "fill":
+        return ~mask.bool()
+    if mask.dtype == torch.bool:
+        return mask if kind == "sdpa" else torch.ones_like(mask)
+    return mask > NEG_THRESHOLD
+
+
+def _pattern(allowed: torch.Tensor) -> str:
+    """'all', 'causal' (exactly j ≤ i), 'lower' (some j < i seen, nothing above the diagonal) or 'other'."""
+    if allowed.dim() < 2:
+        return "all" if bool(allowed.all()) else "other"
+    tq, tk = allowed.shape[-2:]
+    if bool(allowed.all()):
+        return "all"
+    if tq != tk or tq < 2:
+        return "other"
+    tril = torch.ones(tq, tk, dtype=torch.bool, device=allowed.device).tril()
+    if bool((allowed == tril).all()):
+        return "causal"
+    strictly_lower = tril.tril(-1)
+    if not bool((allowed & ~tril).any()) and bool((allowed & strictly_lower).any()):
+        return "lower"
+    return "other"
+
+
+# ----------------------------------------------------------------------------------------------
+# plan
+
+
+def _base_name(match: AttentionMatch) -> str:
+    node = match.anchor
+    if node.op == "call_module":
+        return str(node.target)
+    scope = node_scope(node)
+    leaf = "sdpa" if match.kind == "sdpa" else "softmax"
+    return f"{scope}.{leaf}" if scope else leaf
+
+
+def _grid(n_tokens: int) -> tuple[tuple[int, int] | None, int]:
+    for prefix in (1, 0):
+        side = math.isqrt(max(n_tokens - prefix, 0))
+        if side > 1 and side * side == n_tokens - prefix:
+            return (side, side), prefix
+    return None, 0
+
+
+def _describe_types(model: nn.Module, limit: int = 12) -> list[str]:
+    seen: list[str] = []
+    for m in model.modules():
+        if type(m).__name__ not in seen:
+            seen.append(type(m).__name__)
+    return seen[:limit] + (["..."] if len(seen) > limit else [])
+
+
+def _site_data(match: AttentionMatch, values: dict[fx.Node, Any], model: nn.Module, config: LinearizeAttention,
+               name: str) -> dict[str, Any]:
+    q_shape, k_shape, v_shape = node_shape(match.q), node_shape(match.k), node_shape(match.v)
+    if q_shape is None or k_shape is None or v_shape is None:
+        raise PlanError(f"attention site {name!r}: no shapes were recorded for q/k/v; check example_inputs")
+    if match.k_perm is not None:
+        k_shape = [k_shape[i] for i in match.k_perm]
+    nd = len(q_shape)
+    if nd not in (3, 4) or len(k_shape) != nd or len(v_shape) != nd:
+        raise PlanError(f"attention site {name!r}: q/k/v have shapes {q_shape}/{k_shape}/{v_shape}; the FX path "
+                        "takes (batch, heads, tokens, head_dim) or (batch·heads, tokens, head_dim)")
+    heads = q_shape[1] if nd == 4 else 1
+    kv_heads = k_shape[1] if nd == 4 else 1
+    if heads % kv_heads:
+        raise PlanError(f"attention site {name!r}: {heads} query heads are not a multiple of {kv_heads} key heads")
+    mask_rows, causal_from, kept = [], None, []
+    for node, kind in match.masks:
+        value = values.get(node)
+        if not isinstance(value, torch.Tensor):
+            raise PlanError(f"attention site {name!r}: mask {node.name} is not a tensor ({type(value).__name__})")
+        pattern = _pattern(allowed_keys(value, kind))
+        structural = not _data_dependent(node)
+        if structural and pattern in ("causal", "all"):
+            causal_from = causal_from or ("mask" if pattern == "causal" else None)
+            mask_rows.append(f"{node.name}:{kind}:{pattern}:dropped")
+            continue
+        if pattern in ("causal", "lower"):
+            causal_from = "mask"
+        kept.append([node.name, kind])
+        mask_rows.append(f"{node.name}:{kind}:{'structural' if structural else 'input'}:{pattern}")
+    causal = bool(match.is_causal) or causal_from is not None
+    scale = match.scale
+    computed = not (scale is None or isinstance(scale, float))
+    if scale is None:  # SDPA's default
+        scale = q_shape[-1] ** -0.5
+    elif computed:  # its value on the example inputs, for the report
+        scale = 1.0
+        for factor, power in match.scale_terms:
+            value = float(values[factor]) if isinstance(factor, fx.Node) else float(factor)
+            scale = scale * value if power > 0 else scale / value
+    grid, n_prefix = (None, 0)
+    if config.local and nd in (3, 4) and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        grid, n_prefix = _grid(q_shape[-2])
+    return {
+        "spelling": match.spelling, "causal": causal, "heads": heads, "kv_heads": kv_heads,
+        "head_dim": q_shape[-1], "v_dim": v_shape[-1], "ndim": nd, "tokens": [q_shape[-2], k_shape[-2]],
+        "scale": scale, "scale_computed": computed, "masks": kept, "mask_notes": mask_rows, "dropout": match.dropout,
+        "image_grid": grid is not None, "n_prefix": n_prefix,
+    }
+
+
+def _check_site(name: str, data: dict[str, Any], config: LinearizeAttention) -> None:
+    causal = data["causal"]
+    where = f"attention site {name!r}"
+    if config.gate == "liger":
+        raise ConfigError(f"gate='liger' derives its decay from a pretrained key projection (k_proj), which the FX "
+                          f"path does not have ({where} is hand-written attention in a traced graph). The Liger "
+                          "gate needs the Hugging Face module path; use gate='learned' or gate='none' here")
+    if config.causal is True and not causal:
+        raise ConfigError(f"causal=True was asked for, but {where} is bidirectional (no causal mask or is_causal); "
+                          "use causal=None (take it from the model)")
+    if config.causal is False and causal:
+        raise ConfigError(f"causal=False on a causal model ({where} has a causal mask): a decoder's attention must "
+                          "stay causal; use causal=None")
+    if causal and config.local:
+        raise ConfigError(f"local=True is for bidirectional models, but {where} is causal; use window=... "
+                          "(softmax over the last `window` tokens) instead")
+    if not causal and config.gate != "none":
+        raise ConfigError(f"gate={config.gate!r} decays the past of causal attention, but {where} is bidirectional; "
+                          "use gate='none'")
+    if not causal and config.window > 0 and not config.local:
+        raise ConfigError(f"{where} is bidirectional: a sliding window over past tokens has no meaning there; use "
+                          "local=True (softmax inside a local window) or window=0")
+    tq, tk = data["tokens"]
+    if tq != tk and (causal or config.local):
+        raise PlanError(f"{where} attends {tq} queries to {tk} keys (cross-attention); causal and local linear "
+                        "attention need self-attention (as many queries as keys)")
+    if config.gate == "learned":
+        raise ConfigError(f"gate='learned' is not available on the FX path yet ({where}); use gate='none', or the "
+                          "Hugging Face module path for a gated model")
+
+
+def _select_layers(found: list[Site], chosen: list[Site], layers: list[int] | None) -> list[Site]:
+    if layers is None:
+        return chosen
+    bad = [i for i in layers if not 0 <= i < len(found)]
+    if bad:
+        raise ConfigError(f"LinearizeAttention.layers {bad} out of range: the model has {len(found)} attention "
+                          f"sites, valid indices 0..{len(found) - 1} ({[s.name for s in found]})")
+    wanted = {found[i].name for i in layers}
+    picked = [s for s in chosen if s.name in wanted]
+    if not picked:
+        raise ConfigError(f"LinearizeAttention.layers {layers} selects {sorted(wanted)}, which targets/exclude/"
+                          f"filter_fn left out (they kept {[s.name for s in chosen]})")
+    return picked
+
+
+def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site]) -> None:
+    taken: set[str] = set()
+    for site in sites:
+        try:
+            owner = gm.get_submodule(site.scope) if site.scope else gm
+        except AttributeError:
+            owner = nn.Module()
+        candidate = free_attr_name(owner, "linear_attention")
+        while (f"{site.scope}.{candidate}" if site.scope else candidate) in taken:
+            candidate = free_attr_name(owner, candidate + "_")
+        path = f"{site.scope}.{candidate}" if site.scope else candidate
+        taken.add(path)
+        site.data["unit"] = path
+
+
+def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassContext) -> Plan:
+    """Trace ``model``, find its attention call sites and choose the ones ``config`` selects.
+
+    Sites are named by the scope of the softmax / SDPA call (``blocks.0.attn.sdpa``,
+    ``blocks.1.attn.softmax``, an ``nn.Softmax`` module by its path; ``@1``, ``@2``… for further calls
+    in the same scope). ``config.layers`` indexes the matches in graph order. Nothing is changed.
+    """
+    if ctx.example_inputs is None:
+        raise ConfigError(f"LinearizeAttention on hand-written attention ({type(model).__name__} is rewritten as a "
+                          "traced graph) needs example_inputs to read the head count, head size and masks: "
+                          "surgeon.apply(model, LinearizeAttention(...), example_inputs=(x,))")
+    gm = trace_for_attention(model, config.leaf_modules)
+    propagate_shapes(gm, ctx.example_inputs)
+    skipped: list[str] = []
+    matches = find_attention(gm, skipped)
+    if not matches:
+        types = _describe_types(model)
+        hint = ""
+        if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+            hint = (" nn.MultiheadAttention is traced as one opaque call (a torch.nn leaf); write the attention "
+                    "out, or call F.scaled_dot_product_attention, to rewrite it.")
+        why = f" Skipped: {'; '.join(skipped)}." if skipped else ""
+        raise PlanError(
+            f"LinearizeAttention found no attention in {type(model).__name__}: no Hugging Face attention module and "
+            f"no softmax(q @ kᵀ · s) @ v or F.scaled_dot_product_attention call in its traced graph (module types: "
+            f"{types}).{hint}{why}"
+        )
+    bases = [_base_name(m) for m in matches]
+    seen: Counter[str] = Counter()
+    found, by_name = [], {}
+    for match, base in zip(matches, bases):
+        k = seen[base]
+        seen[base] += 1
+        name = base if k == 0 else f"{base}@{k}"
+        by_name[name] = match
+        found.append(Site(name=name, base=base, kind="fx", op=match.kind, scope=node_scope(match.anchor),
+                          node=match.anchor.name, shape=node_shape(match.output),
+                          data={"index": len(found)}))
+    if ctx.recorded_sites is not None:
+        sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
+    else:
+        chosen = select_sites(found, config.targets, config.exclude, config.filter_fn,
+                              resolve_module=lambda s: _resolve(model, s), what="attention site")
+        sites = _select_layers(found, chosen, config.layers)
+    wanted = {n for s in sites for n, _ in by_name[s.name].masks}
+    wanted |= {v for s in sites for v, _ in by_name[s.name].scale_terms if isinstance(v, fx.Node)}
+    values = _capture(gm, ctx.example_inputs, wanted) if wanted else {}
+    for site in sites:
+        recorded = dict(site.data)
+        data = _site_data(by_name[site.name], values, model, config, site.name)
+        if ctx.recorded_sites is not None and "causal" in recorded:
+            data["causal"] = recorded["causal"]
+        _check_site(site.name, data, config)
+        site.data = {**recorded, **data}
+    _assign_unit_paths(gm, sites)
+    return Plan(sites, {"gm": gm, "matches": {s.name: by_name[s.name] for s in sites}})
+
+
+def _resolve(model: nn.Module, site: Site) -> nn.Module | None:
+    """The module whose forward holds the attention (what ``filter_fn`` receives)."""
+    try:
+        return model.get_submodule(site.scope) if site.scope else model
+    except AttributeError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# rewrite
+
+
+def _scale_arg(gm: fx.GraphModule, match: AttentionMatch, before: fx.Node) -> Any:
+    scale = match.scale
+    if scale is None or isinstance(scale, (float, fx.Node)):
+        return scale
+    value: Any = 1.0
+    with gm.graph.inserting_before(before):
+        for factor, power in scale:
+            op = operator.mul if power > 0 else operator.truediv
+            value = gm.graph.call_function(op, (value, factor))
+    return value
+
+
+def _erase_dead(gm: fx.GraphModule, start: fx.Node) -> None:
+    stack = [start]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op in ("placeholder", "output") or n.is_impure() or n.graph is not gm.graph:
+            continue
+        inputs = list(n.all_input_nodes)
+        gm.graph.erase_node(n)
+        stack.extend(i for i in inputs if i not in stack)
+
+
+def rewrite_site(gm: fx.GraphModule, match: AttentionMatch, site: Site, unit: nn.Module) -> fx.Node:
+    """Put ``unit`` at ``site.data['unit']`` and route the attention output through it."""
+    if not gm.add_submodule(site.data["unit"], unit):
+        raise PlanError(f"attention site {site.name!r}: cannot place its unit at {site.data['unit']!r}")
+    masks = {n.name: n for n, _ in match.masks}
+    out = match.output
+    with gm.graph.inserting_before(out):
+        k = match.k
+        if match.k_perm is not None:
+            k = gm.graph.call_method("permute", (k, *match.k_perm))
+        scale = _scale_arg(gm, match, out)
+        new = gm.graph.call_module(site.data["unit"], (match.q, k, match.v, *(masks[m] for m, _ in site.data["masks"])),
+                                   {"scale": scale})
+    new.meta = {key: value for key, value in out.meta.items() if key != "tensor_meta"}
+    out.replace_all_uses_with(new)
+    _erase_dead(gm, out)
+    return new
+
+
+def build_unit(site: Site, config: LinearizeAttention) -> nn.Module:
+    from surgeon.ops.fx_attention_unit import FxLinearAttention
+
+    d = site.data
+    unit = FxLinearAttention(
+        n_heads=d["heads"], n_kv_heads=d["kv_heads"], head_dim=d["head_dim"], ndim=d["ndim"],
+        feature_map=config.feature_map, feature_dim=config.feature_dim, causal=d["causal"],
+        window=config.window, window_weight_init=config.window_weight_init, local=config.local,
+        image_grid=d.get("image_grid", False), n_prefix=d.get("n_prefix", 0), chunk_size=config.chunk_size,
+        mask_kinds=[kind for _, kind in d["masks"]], replaced=d["spelling"],
+    )
+    unit.site_name = site.name
+    return unit
+
+
+def rewrite_fx_attention(model: nn.Module, config: LinearizeAttention, plan: Plan, ctx: PassContext) -> nn.Module:
+    """Replace every planned site by an ``FxLinearAttention`` call; returns the rewritten GraphModule."""
+    gm: fx.GraphModule = plan.state["gm"]
+    matches: dict[str, AttentionMatch] = plan.state["matches"]
+    units = [build_unit(site, config) for site in plan.sites]  # a failure here changes nothing
+    for site, unit in zip(plan.sites, units):
+        rewrite_site(gm, matches[site.name], site, unit)
+    return finish_graph(gm, ctx.example_inputs)
+
+
+def report_fx_attention(model: nn.Module, config: LinearizeAttention, plan: Plan, ctx: PassContext) -> Report:
+    """One row per rewritten site: what it replaced, heads, features, window, causal, masks, parameters added."""
+    rows = []
+    for site in plan.sites:
+        unit = model.get_submodule(site.data["unit"])
+        d = site.data
+        rows.append({
+            "site": site.name, "replaced": d["spelling"], "heads": f"{d['heads']}/{d['kv_heads']}",
+            "head_dim": d["head_dim"], "features": unit.feature_q.out_dim, "window": unit.window,
+            "causal": d["causal"], "masks": ", ".join(d["mask_notes"]) or "-",
+            "params_added": sum(p.numel() for p in unit.parameters()),
+        })
+    notes = []
+    if any(site.data["dropout"] for site in plan.sites):
+        notes.append("attention-weight dropout has no counterpart in linear attention and was dropped")
+    return Report("LinearizeAttention", ["site", "replaced", "heads", "head_dim", "features", "window", "causal",
+                                         "masks", "params_added"], rows,
+                  totals={"params_added": sum(r["params_added"] for r in rows)}, notes=notes)
