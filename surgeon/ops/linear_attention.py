@@ -74,6 +74,7 @@ class _Inputs:
     window: int
     eps: float
     out_dtype: torch.dtype
+    fresh: bool = False  # no incoming state (all zeros): skip its matmul
 
     @property
     def past(self) -> int:
@@ -198,7 +199,7 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k: F
              key_mask: Tensor | None, past_k: Tensor | None, past_v: Tensor | None, state: Tensor | None,
              eps: float) -> _Inputs:
     """Check shapes, apply the feature maps, join past + current, cast to the compute dtype."""
-    B, H, T, D, Hkv, Dv = _check_qkv(q, k, v)
+    B, H, T, _, Hkv, Dv = _check_qkv(q, k, v)
     if not isinstance(window, int) or isinstance(window, bool) or window < 0:
         raise ConfigError(f"window must be an int ≥ 0 (0 = pure linear attention), got {window!r}")
     past_k, past_v = _check_past(past_k, past_v, k, v, window)
@@ -220,7 +221,7 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k: F
         gamma=_check_weight("window_weight", window_weight, H, dtype, q.device),
         lam=_check_weight("linear_weight", linear_weight, H, dtype, q.device),
         log_decay=_check_log_decay(log_decay, (B, H, T), Fdim, dtype),
-        scale=float(scale), window=window, eps=float(eps), out_dtype=q.dtype,
+        scale=float(scale), window=window, eps=float(eps), out_dtype=q.dtype, fresh=state is None,
     )
 
 
@@ -371,7 +372,7 @@ def _softmax_terms(scores: Tensor, allowed: Tensor, v: Tensor, gamma: Tensor) ->
 # ------------------------------------------------------------------------------ causal: parallel form
 def _causal_parallel(x: _Inputs) -> tuple[Tensor, Tensor]:
     """Dense masks over (new queries) × (past + new keys), straight from the formulas."""
-    B, H, T, _ = x.q.shape
+    T = x.q.shape[2]
     N, P, w, g = x.k.shape[2], x.past, x.window, x.groups
     t = torch.arange(P, N, device=x.q.device)[:, None]                       # query positions (T, 1)
     j = torch.arange(N, device=x.q.device)[None, :]                          # key positions (1, N)
@@ -413,7 +414,7 @@ def _causal_parallel(x: _Inputs) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------- causal: recurrent form
 def _causal_recurrent(x: _Inputs) -> tuple[Tensor, Tensor]:
     """One token at a time: window softmax over the last w raw keys, linear terms from the state."""
-    B, H, T, _ = x.q.shape
+    T = x.q.shape[2]
     P, w, g = x.past, x.window, x.groups
     k, v, fk = _repeat_heads(x.k, g), _repeat_heads(x.v, g), _repeat_heads(x.fk, g)
     vv = _with_ones(v)
@@ -448,13 +449,13 @@ def _finish_step(x: _Inputs, num: Tensor, den: Tensor, lin: Tensor, t: int) -> T
 # ------------------------------------------------------------------------------- causal: chunked form
 def _causal_chunked(x: _Inputs, C: int) -> tuple[Tensor, Tensor]:
     """Window terms per query chunk (a band of C + w − 1 keys) plus chunked linear attention."""
-    B, H, T, _ = x.q.shape
     num, den = _zeros_out(x)
     if x.window > 0:
         num, den = _window_chunked(x, C)
     fk, vv = _fold_stream(x)
     if x.log_decay is None:
-        lin, new_state = _linear_chunked(x.fq, fk, vv, x.state, x.groups, strict=x.window > 0, C=C)
+        lin, new_state = _linear_chunked(x.fq, fk, vv, None if x.fresh else x.state, x.groups,
+                                         strict=x.window > 0, C=C)
     else:
         lin, new_state = _gated_linear_chunked(x.fq, _repeat_heads(fk, x.groups), _repeat_heads(vv, x.groups),
                                                x.log_decay, x.state, strict=x.window > 0, C=C)
@@ -486,7 +487,7 @@ def _to_chunks(x: Tensor, C: int) -> Tensor:
 
 def _group_queries(x: Tensor, groups: int, C: int) -> Tensor:
     """(B, H, T, X) -> (B, Hkv, n, groups·C, X): the query heads sharing a kv head, per chunk."""
-    B, H, T, X = x.shape
+    B, H, _, X = x.shape
     c = _to_chunks(x, C)                                   # (B, H, n, C, X)
     n = c.shape[2]
     c = c.reshape(B, H // groups, groups, n, C, X).transpose(2, 3)
@@ -503,7 +504,7 @@ def _ungroup_queries(x: Tensor, groups: int, T: int) -> Tensor:
 
 def _window_chunked(x: _Inputs, C: int) -> tuple[Tensor, Tensor]:
     """Sliding-window softmax terms: each chunk of C queries sees a band of C + w − 1 keys."""
-    B, H, T, _ = x.q.shape
+    T = x.q.shape[2]
     w, P, g = x.window, x.past, x.groups
     n = -(-T // C)
     L = C + w - 1
@@ -525,11 +526,11 @@ def _causal_mask(C: int, strict: bool, device: torch.device) -> Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
 
 
-def _linear_chunked(fq: Tensor, fk: Tensor, vv: Tensor, state: Tensor, groups: int, *, strict: bool,
+def _linear_chunked(fq: Tensor, fk: Tensor, vv: Tensor, state: Tensor | None, groups: int, *, strict: bool,
                     C: int) -> tuple[Tensor, Tensor]:
     """Ungated chunked linear attention, all chunks at once (no loop over time).
 
-    fq (B,H,T,F); fk (B,Hkv,T,F) and vv (B,Hkv,T,Dv+1) in folding order; state (B,H,F,Dv+1).
+    fq (B,H,T,F); fk (B,Hkv,T,F) and vv (B,Hkv,T,Dv+1) in folding order; state (B,H,F,Dv+1) or None.
     Returns [Σ b v | Σ b] without λ, (B,H,T,Dv+1), and the final state.
     """
     T = fq.shape[2]
@@ -541,8 +542,10 @@ def _linear_chunked(fq: Tensor, fk: Tensor, vv: Tensor, state: Tensor, groups: i
     before = chunk_sums.cumsum(2)
     total = before[:, :, -1]
     before = torch.cat([torch.zeros_like(before[:, :, :1]), before[:, :, :-1]], dim=2)
-    out = _ungroup_queries(intra + q @ before, groups, T) + fq @ state
-    return out, state + _repeat_heads(total, groups)
+    out = _ungroup_queries(intra + q @ before, groups, T)
+    if state is None:
+        return out, _repeat_heads(total, groups)
+    return out + fq @ state, state + _repeat_heads(total, groups)
 
 
 def _gated_linear_chunked(fq: Tensor, fk: Tensor, vv: Tensor, log_decay: Tensor, state: Tensor, *, strict: bool,
@@ -595,7 +598,7 @@ def _bidir_parallel(x: _Inputs, local_mask: Tensor | None) -> Tensor:
 
 def _bidir_chunked(x: _Inputs, local_mask: Tensor | None, C: int) -> Tensor:
     """Global linear sums, corrected per query chunk on the key columns its local rows touch."""
-    B, H, T, _ = x.q.shape
+    T = x.q.shape[2]
     g = x.groups
     vv = _with_ones(x.v)
     total = x.fk.transpose(-1, -2) @ vv                   # (B,Hkv,F,Dv+1), padded keys are zero rows

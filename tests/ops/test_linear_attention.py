@@ -2,9 +2,6 @@
 brute-force reference written from the formulas, and across cache splits (decode equals prefill)."""
 from __future__ import annotations
 
-import math
-import time
-
 import pytest
 import torch
 
@@ -60,8 +57,8 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def brute_force(case: dict, window: int, past_k=None, past_v=None, state=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit loops over (b, h, t, j) from the contract (float64)."""
     q, k, v, scale = case["q"].double(), case["k"].double(), case["v"].double(), case["scale"]
-    B, H, T, D = q.shape
-    Hkv, Dv, g, w = k.shape[1], v.shape[-1], H // k.shape[1], window
+    B, H, T, _ = q.shape
+    Dv, g, w = v.shape[-1], H // k.shape[1], window
     if past_k is not None:
         k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
     P, N = k.shape[2] - T, k.shape[2]
@@ -311,7 +308,7 @@ def test_bidirectional_parallel_equals_chunked(kind: str, mask: str) -> None:
 def test_bidirectional_no_mask_is_pure_linear() -> None:
     case = bidir_case(22, 9, "elu1")
     case.pop("key_mask")
-    q, k, v = case["q"], case["k"].repeat_interleave(3, 1), case["v"].repeat_interleave(3, 1)
+    q, v = case["q"], case["v"].repeat_interleave(3, 1)
     with torch.no_grad():
         fq = case["feature_q"](q * case["scale"] ** 0.5)
         fk = case["feature_k"](case["k"] * case["scale"] ** 0.5).repeat_interleave(3, 1)
