@@ -165,7 +165,7 @@ class LinearAttention(nn.Module):
             q, k, v, self.feature_q, self.feature_k, scale=self.layout.scale, window=w,
             window_weight=self.window_weight(), log_decay=log_decay,
             key_mask=_key_mask(mask, n_past + q.shape[-2]), past_k=past_k, past_v=past_v, state=state,
-            form="chunked", chunk_size=self.chunk_size,
+            form="recurrent" if q.shape[-2] == 1 else "chunked", chunk_size=self.chunk_size,  # one step: ~3x faster
         )
         if layer is not None:
             cache.update_recurrent_state(new_state.detach() if not torch.is_grad_enabled() else new_state,

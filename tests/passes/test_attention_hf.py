@@ -191,3 +191,24 @@ def test_transformers_model_with_unknown_attention_layout_lists_what_was_found()
         del layer.self_attn.q_proj
     with pytest.raises(surgeon.SurgeonError, match="Attention-like modules found: \\['LlamaAttention'\\]"):
         surgeon.apply(model, LinearizeAttention())
+
+
+def test_save_restore_round_trip(tmp_path):
+    s = surgeon.apply(tiny_llama(), LinearizeAttention(feature_map="hedgehog", window=8, gate="learned"))
+    with torch.no_grad():  # move the new parameters away from their init so restore must load them
+        for name, p in s.model.named_parameters():
+            if "feature_" in name or "gate_" in name or "window_logit" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    surgeon.save(s, tmp_path / "lin")
+    restored = surgeon.restore(tiny_llama(), tmp_path / "lin")
+    ids = _tokens(2, 50, seed=7)
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, s.model(ids).logits)
+
+
+def test_bf16_long_sequence_stays_finite():
+    model = tiny_llama().to(torch.bfloat16)
+    s = surgeon.apply(model, LinearizeAttention(feature_map="hedgehog", window=64, gate="liger"))
+    with torch.no_grad():
+        logits = s.model(_tokens(1, 4096, seed=8)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
