@@ -129,12 +129,44 @@ class LinearAttention(nn.Module):
     def window_weight(self) -> torch.Tensor | None:
         return torch.sigmoid(self.window_logit) if self.window > 0 else None
 
+    # -- attention transfer (distillation stage 1) ---------------------------------------------
+    transfer: bool = False
+    """When True (training only, no cache), forward also computes the original softmax attention under
+    no_grad, stores ``(linear, softmax)`` outputs before the output projection in ``transfer_pair`` and
+    returns the softmax one (teacher forcing: later layers see the teacher's activations)."""
+    transfer_pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        """The exact softmax attention the original module computed, (batch, heads, tokens, head_dim)."""
+        groups = self.layout.n_heads // self.layout.n_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        allowed = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            cols = mask[..., -k.shape[-2]:]
+            allowed = cols if cols.dtype == torch.bool else cols > torch.finfo(cols.dtype).min / 2
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            allowed = mask[:, None, None, -k.shape[-2]:].bool()
+        if self.is_causal:
+            causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            allowed = causal if allowed is None else allowed & causal
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.layout.scale)
+
     # -- forward -------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         call = _bind(self.layout, args, kwargs)
         x = call["hidden_states"]
         q, k, v, k_raw = self.project(x, call.get("position_embeddings"))
         cache = call.get("cache")
+        if self.transfer:
+            if cache is not None and call.get("use_cache", True) is not False and cache.get_seq_length() > 0:
+                raise ConfigError(f"layer {self.layer_idx}: attention transfer runs full sequences without a cache")
+            with torch.no_grad():
+                teacher = self.softmax_attention(q, k, v, call.get("attention_mask"))
+            student = (self._causal(q, k, v, self.log_decay(x, k_raw), call.get("attention_mask"), None)
+                       if self.is_causal else self._bidirectional(q, k, v, call.get("attention_mask")))
+            self.transfer_pair = (student, teacher)
+            out = teacher.transpose(1, 2).reshape(*x.shape[:-1], -1)
+            return (getattr(self, self.layout.out)(out) if self.layout.out else out), None
         if self.is_causal:
             out = self._causal(q, k, v, self.log_decay(x, k_raw), call.get("attention_mask"), cache)
         else:

@@ -212,3 +212,25 @@ def test_bf16_long_sequence_stays_finite():
     with torch.no_grad():
         logits = s.model(_tokens(1, 4096, seed=8)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert])
+def test_transfer_mode_returns_the_teacher_and_records_both(build):
+    """Attention-transfer mode: the layer outputs the original softmax attention (teacher forcing), so the
+    model's outputs equal the original's, and it records (linear, softmax) for the MSE loss."""
+    model = build()
+    s = surgeon.apply(model, LinearizeAttention(feature_map="hedgehog", window=0))
+    units = [m for m in s.model.modules() if type(m).__name__ == "LinearAttention"]
+    for unit in units:
+        unit.transfer = True
+    ids = _tokens(2, 30, seed=9)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask)
+        got = s.model(ids, attention_mask=mask)
+    key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
+    torch.testing.assert_close(getattr(got, key)[0], getattr(ref, key)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(getattr(got, key)[1, 6:], getattr(ref, key)[1, 6:], rtol=0, atol=1e-5)
+    student, teacher = units[0].transfer_pair
+    assert student.shape == teacher.shape and (student - teacher).abs().max() > 1e-3
