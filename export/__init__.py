@@ -7,11 +7,13 @@ Example:
     >>> surgeon.export.verify(res.onnx_path.parent, net).passed
     True
 """
+from surgeon.export.causal_lm import export_causal_lm
+from surgeon.export.generator import OnnxGenerator
 from surgeon.export.manifest import GraphSpec, Manifest, TensorSpec, load_manifest
 from surgeon.export.onnx_export import ExportResult, flatten_outputs, to_onnx
 from surgeon.export.verify import VerifyReport, verify
 
 __all__ = [
-    "to_onnx", "verify", "ExportResult", "VerifyReport", "load_manifest",
+    "to_onnx", "verify", "export_causal_lm", "OnnxGenerator", "ExportResult", "VerifyReport", "load_manifest",
     "Manifest", "GraphSpec", "TensorSpec", "flatten_outputs",
 ]

@@ -403,12 +403,13 @@ def _specialised_error(model: nn.Module, fixed: list[str], inputs: tuple[Tensor,
 def to_onnx(
     model: nn.Module,
     path: str | Path,
-    example_inputs: tuple[Tensor, ...] | Tensor,
+    example_inputs: tuple[Tensor, ...] | Tensor | None = None,
     dynamic_axes: dict[str, dict[int, str] | list[int]] | None = None,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     opset: int | None = None,
     recipe: dict | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ONNX (dynamo exporter) and write a manifest next to the graph.
 
@@ -431,6 +432,13 @@ def to_onnx(
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ExportError(f"to_onnx needs an nn.Module, got {type(model).__name__}")
+    if _is_linearized_causal_lm(model):
+        from surgeon.export.causal_lm import export_causal_lm
+
+        return export_causal_lm(model, path, opset=opset, overwrite=overwrite, recipe=recipe)
+    if example_inputs is None:
+        raise ExportError(f"to_onnx({type(model).__name__}) needs example_inputs (a tensor or a tuple of tensors); "
+                          "only linearized causal LMs (prefill + decode graphs) export without them")
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     for i, t in enumerate(inputs):
         if not isinstance(t, Tensor):
@@ -451,6 +459,15 @@ def to_onnx(
     except BaseException:
         _rollback(dest)
         raise
+
+
+def _is_linearized_causal_lm(model: nn.Module) -> bool:
+    """A causal LM whose attention ``LinearizeAttention`` swapped: exported as prefill + decode graphs."""
+    if not hasattr(model, "generate"):
+        return False
+    from surgeon.passes.attention_module import LinearAttention
+
+    return any(isinstance(m, LinearAttention) and m.is_causal for m in model.modules())
 
 
 def _export(

@@ -262,6 +262,8 @@ def _key_mask(mask: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
         valid = allowed.any(dim=-2).all(dim=1) if allowed.dim() == 4 else allowed.any(dim=-2)
     if valid.shape[-1] < n_keys:
         return None
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return valid  # no data-dependent branch in captured graphs
     return None if bool(valid.all()) else valid
 
 

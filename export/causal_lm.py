@@ -1,0 +1,182 @@
+"""Export a linearized causal LM as two ONNX graphs with explicit, constant-size state.
+
+``prefill.onnx``: ``input_ids``, ``attention_mask`` (batch, 64·k tokens, left padding allowed) →
+``logits``, ``state_out.*``. ``decode.onnx``: ``input_ids`` (batch, 1), ``position_ids`` (batch, 1),
+``state_in.*`` → ``logits``, ``state_out.*``. Batch and sequence stay symbolic; the sequence of a
+prefill call is a multiple of the chunk length (64 by default: the chunked form then needs no
+data-dependent padding); :class:`surgeon.export.OnnxGenerator` left-pads prompts to it. Only standard
+ONNX ops: stock onnxruntime runs both graphs.
+
+Example:
+    >>> import torch, transformers, surgeon, surgeon.export
+    >>> from surgeon.passes import LinearizeAttention
+    >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    >>> lm = surgeon.apply(transformers.LlamaForCausalLM(cfg).eval(), LinearizeAttention(window=4)).model
+    >>> res = export_causal_lm(lm, "/tmp/doc_lm", overwrite=True)        # doctest: +ELLIPSIS
+    >>> sorted(res.manifest.graphs), res.manifest.graph("prefill").inputs[0].shape
+    (['decode', 'prefill'], ['batch', 'sequence'])
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from surgeon.errors import ExportError
+from surgeon.export.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec, load_manifest
+from surgeon.export.onnx_export import (
+    ExportResult,
+    _commit,
+    _exporter_error,
+    _onnx_dims,
+    _onnx_dtype,
+    _prepare_destination,
+    _rollback,
+    dtype_name,
+    model_eval_mode,
+    quiet_exporter,
+    versions,
+)
+from surgeon.export.stateful_lm import DecodeLM, PrefillLM, StateLayout
+
+CHUNK = 64
+
+
+def _config_fingerprint(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    keep = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings")
+    return {k: getattr(config, k) for k in keep if isinstance(getattr(config, k, None), (int, str))}
+
+
+def _check_overwrite(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
+    manifest = out_dir / MANIFEST_NAME
+    if not out_dir.exists() or overwrite:
+        return
+    if not manifest.is_file():
+        if any(out_dir.iterdir()):
+            raise ExportError(f"{out_dir} exists and holds other files; choose an empty folder or pass overwrite=True")
+        return
+    old = json.loads(manifest.read_text()).get("exporter", {}).get("model_config")
+    if old != config:
+        raise ExportError(f"{out_dir} already holds an export of a different model ({old}); pass overwrite=True "
+                          "to replace it or choose another folder")
+
+
+def _specs(names: list[str], tensors: list[torch.Tensor], dims: list[dict[int, str]], proto_values: list[Any]
+           ) -> list[TensorSpec]:
+    specs = []
+    for name, t, dyn, v in zip(names, tensors, dims, proto_values):
+        got = _onnx_dims(v) if v is not None else list(t.shape)
+        shape = [dyn[d] if d in dyn else int(s) for d, s in enumerate(t.shape)]
+        for d, declared in dyn.items():
+            if d < len(got) and not isinstance(got[d], str):
+                raise ExportError(f"{name} dim {d} ({declared}) came out fixed to {got[d]} in the ONNX graph; "
+                                  "the model specialises it")
+        vr = [int(t.min()), int(t.max())] if not t.is_floating_point() and t.numel() else None
+        specs.append(TensorSpec(name, dtype_name(t.dtype) if v is None else _onnx_dtype(v), shape,
+                                example_shape=list(t.shape), value_range=vr))
+    return specs
+
+
+def _export_graph(module: nn.Module, args: tuple, in_names: list[str], out_names: list[str],
+                  dynamic: tuple, in_dims: list[dict[int, str]], out_dims: list[dict[int, str]],
+                  path: Path, opset: int | None) -> GraphSpec:
+    import onnx
+
+    try:
+        with quiet_exporter():
+            torch.onnx.export(module, args, str(path), dynamo=True, external_data=True, dynamic_shapes=dynamic,
+                              input_names=in_names, output_names=out_names, opset_version=opset, verbose=False)
+    except Exception as e:
+        raise _exporter_error(module, e) from e
+    proto = onnx.load(str(path), load_external_data=False)
+    graph_in = {v.name: v for v in proto.graph.input}
+    graph_out = {v.name: v for v in proto.graph.output}
+    with torch.no_grad():
+        outs = module(*args)
+    inputs = _specs(in_names, list(args), in_dims, [graph_in.get(n) for n in in_names])
+    outputs = _specs(out_names, list(outs), out_dims, [graph_out.get(n) for n in out_names])
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    data = [p.name for p in path.parent.iterdir() if p.name.startswith(path.name) and p.name != path.name]
+    return GraphSpec(file=path.name, inputs=inputs, outputs=outputs, data_files=sorted(data), opset=opset_used)
+
+
+def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, chunks: int = 3,
+                     chunk: int = CHUNK, opset: int | None = None, overwrite: bool = False,
+                     recipe: dict | None = None) -> ExportResult:
+    """Write ``prefill.onnx``, ``decode.onnx`` and ``manifest.json`` for a linearized causal LM.
+
+    The example used for export is ``batch`` × ``chunks·chunk`` tokens (never reused by verify).
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    layout = StateLayout.of(model)
+    config = _config_fingerprint(model)
+    _check_overwrite(out_dir, config, overwrite)
+    dest = _prepare_destination(out_dir)
+    try:
+        with model_eval_mode(model):
+            graphs = _export_both(model, layout, dest.staging, batch, chunks, chunk, opset)
+        state = [{"name": s.name, "layer": s.layer, "kind": s.kind, "shape": ["batch", *s.shape],
+                  "dtype": dtype_name(s.dtype)} for s in layout.specs]
+        manifest = Manifest(graphs=graphs, versions=versions(), recipe=recipe, exporter={
+            "api": "surgeon.export.export_causal_lm", "dynamo": True, "kind": "causal_lm_stateful",
+            "chunk": chunk, "state": state, "state_bytes_per_sequence": layout.state_bytes(1),
+            "model_config": config, "export_seconds": round(time.perf_counter() - t0, 3)})
+        manifest.save(dest.staging / MANIFEST_NAME)
+        files = sorted(p.name for p in dest.staging.iterdir())
+        _commit(dest, files)
+    except BaseException:
+        _rollback(dest)
+        raise
+    manifest.root = out_dir.resolve()
+    return ExportResult(onnx_path=out_dir / "prefill.onnx", manifest_path=out_dir / MANIFEST_NAME,
+                        manifest=manifest, seconds=time.perf_counter() - t0)
+
+
+def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: int, chunks: int, chunk: int,
+                 opset: int | None) -> dict[str, GraphSpec]:
+    vocab = getattr(model.config, "vocab_size", 2)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, chunks * chunk), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, : chunk // 2] = 0                       # left padding in the example: the mask is a real input
+    names = [s.name for s in layout.specs]
+    outs = ["logits"] + [n.replace("state.", "state_out.") for n in names]
+    state_dims = [{0: "batch"} for _ in names]
+    b = torch.export.Dim("batch", min=1, max=4096)
+    n_chunks = torch.export.Dim("chunks", min=1, max=8192)
+    seq = {0: b, 1: chunk * n_chunks}
+    prefill = _export_graph(
+        PrefillLM(model), (ids, mask), ["input_ids", "attention_mask"], outs, (seq, seq),
+        [{0: "batch", 1: "sequence"}] * 2, [{0: "batch", 1: "sequence"}] + state_dims,
+        staging / "prefill.onnx", opset)
+    with torch.no_grad():
+        state = list(PrefillLM(model)(ids, mask)[1:])
+    step_ids = torch.randint(0, vocab, (batch, 1), generator=gen)
+    positions = mask.sum(-1, keepdim=True)
+    in_names = ["input_ids", "position_ids"] + [n.replace("state.", "state_in.") for n in names]
+    decode = _export_graph(
+        DecodeLM(model), (step_ids, positions, *state), in_names, outs,
+        ({0: b}, {0: b}, tuple({0: b} for _ in names)), [{0: "batch"} for _ in in_names],
+        [{0: "batch"}] + state_dims, staging / "decode.onnx", opset)
+    return {"prefill": prefill, "decode": decode}
+
+
+def load_causal_lm_manifest(path: str | Path) -> Manifest:
+    """The manifest of a stateful causal-LM export, or a clear error for anything else."""
+    manifest = load_manifest(path)
+    if manifest.exporter.get("kind") != "causal_lm_stateful" or set(manifest.graphs) != {"prefill", "decode"}:
+        raise ExportError(f"{path} is not a prefill/decode export (graphs {sorted(manifest.graphs)}); "
+                          "write one with surgeon.export.to_onnx on a linearized causal LM")
+    for name in ("prefill", "decode"):
+        file = manifest.graph_path(name)
+        if not file.is_file():
+            raise ExportError(f"{file} is missing; re-export into {manifest.root}")
+    return manifest

@@ -1,0 +1,117 @@
+"""Text generation on onnxruntime over a prefill/decode export, in memory independent of the context.
+
+Example:
+    >>> import torch, transformers, surgeon, surgeon.export
+    >>> from surgeon.passes import LinearizeAttention
+    >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    >>> lm = surgeon.apply(transformers.LlamaForCausalLM(cfg).eval(), LinearizeAttention(window=4)).model
+    >>> _ = surgeon.export.to_onnx(lm, "/tmp/doc_gen", overwrite=True)
+    >>> gen = OnnxGenerator("/tmp/doc_gen")
+    >>> out = gen.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5)
+    >>> torch.equal(out, lm.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False))
+    True
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from surgeon.errors import ExportError
+from surgeon.export.causal_lm import load_causal_lm_manifest
+
+_NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bool": np.bool_,
+          "int64": np.int64, "bfloat16": np.float32}
+
+
+class OnnxGenerator:
+    """Greedy / sampling generation with ``prefill.onnx`` + ``decode.onnx`` in onnxruntime."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.manifest = load_causal_lm_manifest(path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.prefill = ort.InferenceSession(str(self.manifest.graph_path("prefill")), options, providers=list(providers))
+        self.decode = ort.InferenceSession(str(self.manifest.graph_path("decode")), options, providers=list(providers))
+        self.chunk = int(self.manifest.exporter["chunk"])
+        self.state_specs = self.manifest.exporter["state"]
+        self.state_names = [s["name"].replace("state.", "state_in.") for s in self.state_specs]
+
+    # -- the two graphs ---------------------------------------------------------------------------
+    def run_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Left-pad to a multiple of the chunk, run ``prefill.onnx``: (logits, state)."""
+        ids = torch.as_tensor(input_ids)
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        pad = (-ids.shape[1]) % self.chunk
+        if pad:
+            ids = torch.nn.functional.pad(ids, (pad, 0))
+            mask = torch.nn.functional.pad(mask, (pad, 0))
+        out = self.prefill.run(None, {"input_ids": ids.long().numpy(), "attention_mask": mask.long().numpy()})
+        return out[0][:, pad:], out[1:]
+
+    def run_decode(self, token: np.ndarray, position: np.ndarray, state: list[np.ndarray]
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One step of ``decode.onnx``; checks the state against the manifest first."""
+        if len(state) != len(self.state_specs):
+            raise ExportError(f"decode.onnx takes {len(self.state_specs)} state tensors, got {len(state)}")
+        batch = token.shape[0]
+        feeds = {"input_ids": token.astype(np.int64), "position_ids": position.astype(np.int64)}
+        for spec, name, value in zip(self.state_specs, self.state_names, state):
+            want = (batch, *spec["shape"][1:])
+            if tuple(value.shape) != want:
+                raise ExportError(f"{name} has shape {tuple(value.shape)}, decode.onnx expects {want} "
+                                  f"({spec['kind']} of layer {spec['layer']}); pass the state_out of the previous call")
+            feeds[name] = value.astype(_NUMPY[spec["dtype"]], copy=False)
+        out = self.decode.run(None, feeds)
+        return out[0], out[1:]
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 eos_token_id: int | None = None, seed: int = 0) -> torch.Tensor:
+        """Prompt (left-padded batch allowed) + ``max_new_tokens`` tokens, like ``model.generate``."""
+        ids = torch.as_tensor(input_ids)
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        logits, state = self.run_prefill(ids, mask)
+        position = mask.sum(-1, keepdim=True).numpy()
+        rng = np.random.default_rng(seed)
+        done = np.zeros(ids.shape[0], dtype=bool)
+        new = []
+        for step in range(max_new_tokens):
+            token = self._pick(logits[:, -1], do_sample, temperature, top_k, rng)
+            if eos_token_id is not None:
+                token = np.where(done, eos_token_id, token)
+                done |= token == eos_token_id
+            new.append(token)
+            if step + 1 == max_new_tokens or done.all():
+                break
+            logits, state = self.run_decode(token[:, None], position, state)
+            if not np.isfinite(logits).all():
+                raise ExportError(f"decode.onnx produced NaN/inf logits at step {step + 1}")
+            position = position + 1
+        return torch.cat([ids, torch.from_numpy(np.stack(new, axis=1))], dim=1)
+
+    @staticmethod
+    def _pick(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int,
+              rng: np.random.Generator) -> np.ndarray:
+        if not do_sample:
+            return logits.argmax(-1)
+        z = logits.astype(np.float64) / max(temperature, 1e-6)
+        if top_k:
+            cut = np.sort(z, axis=-1)[:, -top_k][:, None]
+            z = np.where(z < cut, -np.inf, z)
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+    def state_bytes(self, batch: int = 1) -> int:
+        """Bytes of decode state per ``batch`` sequences (constant in the context length)."""
+        return int(self.manifest.exporter["state_bytes_per_sequence"]) * batch

@@ -1,0 +1,183 @@
+"""A linearized causal LM as two pure functions with explicit, fixed-size state: prefill and decode.
+
+Per linearized layer the state is the recurrent state ``(batch, heads, F, head_dim + 1)`` (fp32) plus,
+for hybrids, the softmax window's last ``window - 1`` keys and values and a validity flag per slot.
+Its size never depends on the context length. Both wrappers run the unchanged Hugging Face forward:
+the state enters through transformers' own ``LinearAttentionAndSlidingWindowAttentionLayer`` cache
+layers (prefilled from the inputs) and is read back from them, and the attention mask is passed
+already 4-D, so nothing in the graph depends on Python-side cache bookkeeping.
+
+Example:
+    >>> import torch, transformers, surgeon
+    >>> from surgeon.passes import LinearizeAttention
+    >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    >>> lm = surgeon.apply(transformers.LlamaForCausalLM(cfg).eval(), LinearizeAttention(window=4)).model
+    >>> layout = StateLayout.of(lm)
+    >>> [s.name for s in layout.specs][:4]
+    ['state.0.recurrent', 'state.0.window_keys', 'state.0.window_values', 'state.0.window_valid']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from transformers.cache_utils import Cache, LinearAttentionAndSlidingWindowAttentionLayer
+
+from surgeon.errors import ExportError
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor: name, shape without the batch dim, dtype, and the layer it belongs to."""
+
+    name: str
+    layer: int
+    kind: str          # recurrent | window_keys | window_values | window_valid
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Which layers are linear and what state each carries between graph calls."""
+
+    layers: tuple[tuple[int, nn.Module], ...]
+    n_layers: int
+    specs: tuple[StateSpec, ...]
+
+    @staticmethod
+    def of(model: nn.Module) -> "StateLayout":
+        from surgeon.passes.attention_module import LinearAttention
+
+        units = sorted(((m.layer_idx, m) for m in model.modules() if isinstance(m, LinearAttention)),
+                       key=lambda item: item[0])
+        if not units:
+            raise ExportError(f"{type(model).__name__} has no linearized attention layers: export it with "
+                              "surgeon.export.to_onnx(model, path, example_inputs) as one forward graph, or "
+                              "apply LinearizeAttention first")
+        n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or len(units)
+        if len(units) != n_layers:
+            kept = sorted(set(range(n_layers)) - {i for i, _ in units})
+            raise ExportError(f"layers {kept} are still softmax attention; the stateful export needs every "
+                              "layer linearized (keep_softmax layers with their own KV cache are not supported yet)")
+        bidirectional = [i for i, m in units if not m.is_causal]
+        if bidirectional:
+            raise ExportError(f"layers {bidirectional} are bidirectional: prefill/decode graphs are for causal LMs; "
+                              "export encoders with surgeon.export.to_onnx as one forward graph")
+        dtype = next(model.parameters()).dtype
+        specs = []
+        for idx, unit in units:
+            lay = unit.layout
+            features = unit.feature_q.out_dim
+            state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            specs.append(StateSpec(f"state.{idx}.recurrent", idx, "recurrent",
+                                   (lay.n_heads, features, lay.head_dim + 1), state_dtype))
+            if unit.window > 1:
+                w = unit.window - 1
+                specs += [
+                    StateSpec(f"state.{idx}.window_keys", idx, "window_keys", (lay.n_kv_heads, w, lay.head_dim), dtype),
+                    StateSpec(f"state.{idx}.window_values", idx, "window_values", (lay.n_kv_heads, w, lay.head_dim),
+                              dtype),
+                    StateSpec(f"state.{idx}.window_valid", idx, "window_valid", (w,), torch.bool),
+                ]
+        return StateLayout(tuple(units), n_layers, tuple(specs))
+
+    def zeros(self, batch: int, device: torch.device | None = None) -> list[Tensor]:
+        """The state before any token: zero recurrent states, empty (invalid) window slots."""
+        return [torch.zeros((batch, *s.shape), dtype=s.dtype, device=device) for s in self.specs]
+
+    def state_bytes(self, batch: int = 1) -> int:
+        return sum(batch * torch.Size(s.shape).numel() * torch.empty((), dtype=s.dtype).element_size()
+                   for s in self.specs)
+
+
+def _window(layout: StateLayout, idx: int) -> int:
+    return max(dict(layout.layers)[idx].window - 1, 0)
+
+
+class StatefulLM(nn.Module):
+    """``(input_ids, attention_mask, position_ids, *state) -> (logits, *new_state)`` for any chunk length."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.layout = StateLayout.of(model)
+
+    def _cache(self, state: tuple[Tensor, ...]) -> tuple[Cache, Tensor | None]:
+        by_layer: dict[int, dict[str, Tensor]] = {}
+        for spec, tensor in zip(self.layout.specs, state):
+            by_layer.setdefault(spec.layer, {})[spec.kind] = tensor
+        layers = []
+        valid = None
+        for idx in range(self.layout.n_layers):
+            parts = by_layer[idx]
+            w = _window(self.layout, idx)
+            layer = LinearAttentionAndSlidingWindowAttentionLayer(sliding_window=max(w + 1, 2))
+            layer.is_initialized = True
+            layer.dtype, layer.device = parts["recurrent"].dtype, parts["recurrent"].device
+            if w:
+                layer.keys, layer.values = parts["window_keys"], parts["window_values"]
+                layer.cumulative_length = w
+                valid = parts["window_valid"]
+            else:
+                unit = dict(self.layout.layers)[idx]
+                empty = parts["recurrent"].new_zeros((parts["recurrent"].shape[0], unit.layout.n_kv_heads, 0,
+                                                      unit.layout.head_dim))
+                layer.keys, layer.values = empty, empty
+            layer.recurrent_states[0] = parts["recurrent"].clone()
+            layer.is_recurrent_states_initialized[0] = True
+            layer.has_previous_state[0] = True
+            layers.append(layer)
+        return Cache(layers=layers), valid
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *state: Tensor
+                ) -> tuple[Tensor, ...]:
+        cache, window_valid = self._cache(state)
+        new_valid = attention_mask.bool()
+        key_valid = new_valid if window_valid is None else torch.cat([window_valid, new_valid], dim=1)
+        n_new, n_keys = input_ids.shape[1], key_valid.shape[1]
+        # query t (absolute key index n_keys - n_new + t) sees valid keys up to itself
+        causal = torch.ones(n_new, n_keys, dtype=torch.bool, device=input_ids.device).tril(n_keys - n_new)
+        mask = key_valid[:, None, None, :] & causal[None, None]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        new_state = []
+        for spec in self.layout.specs:
+            layer = cache.layers[spec.layer]
+            w = _window(self.layout, spec.layer)
+            if spec.kind == "recurrent":
+                new_state.append(layer.recurrent_states[0])
+            elif spec.kind == "window_keys":
+                new_state.append(layer.keys[..., -w:, :])
+            elif spec.kind == "window_values":
+                new_state.append(layer.values[..., -w:, :])
+            else:
+                new_state.append(key_valid[:, -w:])
+        return (out.logits, *new_state)
+
+
+class PrefillLM(nn.Module):
+    """``(input_ids, attention_mask) -> (logits, *state)`` from an empty state (left padding allowed)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.step = StatefulLM(model)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        state = self.step.layout.zeros(input_ids.shape[0], input_ids.device)
+        return self.step(input_ids, attention_mask, positions, *state)
+
+
+class DecodeLM(nn.Module):
+    """``(input_ids (batch, 1), position_ids (batch, 1), *state) -> (logits, *state)``: one token."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.step = StatefulLM(model)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        return self.step(input_ids, torch.ones_like(input_ids), position_ids, *state)
