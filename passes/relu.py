@@ -43,6 +43,7 @@ from surgeon.ops.activation import (
     plain_activation_target,
     relu_kind,
 )
+from surgeon.ops.poly_units import BinaryMaskedPoly, MaskedPolyReLU, PolyUnit
 from surgeon.pass_api import PassContext, PassHandler, match_recorded, register_pass
 from surgeon.report import Report
 from surgeon.selectors import select_sites
@@ -61,11 +62,18 @@ class LinearizeReLU(PassConfig):
         channel_dim: the activation dim that holds channels (1 for NCHW / (B, F); -1 for (B, T, F)).
         targets / exclude / filter_fn: site selection (see ``surgeon.selectors``).
         leaf_modules / leaf_fn: modules traced as opaque calls (their insides are not rewritten).
+        budget: ReLUs to keep after a budget search (``surgeon.passes.search_relu_budget``): an int
+            count of ReLU elements per example, or a float fraction in (0, 1] of the selected
+            sites' ReLUs. Checked here against the model (needs ``example_inputs``); ``None`` = no budget.
+        units: what replaces a removed ReLU: ``identity`` or ``poly`` (per-channel c₂x² + c₁x + c₀,
+            started at the identity; fit it with ``surgeon.passes.fit_polynomials`` on real data).
     """
 
     granularity: Literal["layer", "channel", "pixel"] = "channel"
     init: float = 1.0
     channel_dim: int = 1
+    budget: int | float | None = None
+    units: Literal["identity", "poly"] = "identity"
     targets: str | list[str] | None = None
     exclude: str | list[str] | None = None
     filter_fn: Callable | None = None
@@ -75,6 +83,10 @@ class LinearizeReLU(PassConfig):
     def check(self) -> None:
         if not 0.0 <= self.init <= 1.0:
             raise ConfigError(f"LinearizeReLU.init must be in [0, 1], got {self.init}")
+        if self.budget is not None:
+            from surgeon.passes.relu_budget import check_budget_value
+
+            check_budget_value(self.budget)
 
 
 @dataclass(kw_only=True)
@@ -85,6 +97,9 @@ class FinalizeReLU(PassConfig):
     targets: str | list[str] | None = None
     exclude: str | list[str] | None = None
     filter_fn: Callable | None = None
+    #: after freezing, fold what became adjacent linear ops where exact (BatchNorm into the conv /
+    #: linear before it; consecutive linear layers / 1×1 convolutions when that does not add MACs)
+    fold: bool = False
 
     def check(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -124,7 +139,15 @@ def finalize_site(gm: fx.GraphModule, node: fx.Node, site: Site, threshold: floa
     unit = gm.get_submodule(str(node.target))
     source = node.args[0]
     action = site.data["action"]
-    if action == "identity":
+    if isinstance(unit, MaskedPolyReLU) and action in ("identity", "poly"):
+        poly = PolyUnit(unit.coef)
+        poly.site_name = site.name
+        set_submodule(gm, str(node.target), poly)
+    elif isinstance(unit, MaskedPolyReLU) and action == "masked":
+        frozen = BinaryMaskedPoly(unit.kind, unit.mask.detach() >= threshold, unit.coef)
+        frozen.site_name = site.name
+        set_submodule(gm, str(node.target), frozen)
+    elif action == "identity":
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
     elif action == "relu":
@@ -242,14 +265,29 @@ class LinearizeReLUHandler(PassHandler):
                 if len(site.shape) < 2:
                     raise ConfigError(f"site {site.name!r} has shape {site.shape}: no channel/pixel dims")
             site.data["mask_shape"] = list(mask_shape(config.granularity, site.shape, config.channel_dim))
+            if config.units == "poly":
+                site.data["coef_shape"] = (list(mask_shape("channel", site.shape, config.channel_dim))
+                                           if site.shape is not None and len(site.shape) >= 2 else [])
+        if config.budget is not None:
+            from surgeon.passes.relu_budget import resolve_budget
+
+            if ctx.example_inputs is None:
+                raise ConfigError("LinearizeReLU(budget=...) needs example_inputs to count the ReLUs it budgets")
+            total = sum(math.prod(s.shape[1:]) for s in sites)
+            resolve_budget(config.budget, total)  # raises on a budget the model cannot meet
         return Plan(sites, {"gm": gm})
 
     def rewrite(self, model: nn.Module, config: LinearizeReLU, plan: Plan, ctx: PassContext) -> nn.Module:
         gm: fx.GraphModule = plan.state["gm"]
         nodes = _nodes_by_name(gm)
         for site in plan.sites:
-            unit = MaskedReLU(site.op, site.data["mask_shape"])  # type: ignore[arg-type]
+            if config.units == "poly":
+                unit = MaskedPolyReLU(site.op, site.data["mask_shape"], site.data.get("coef_shape", []))  # type: ignore[arg-type]
+            else:
+                unit = MaskedReLU(site.op, site.data["mask_shape"])  # type: ignore[arg-type]
             unit.site_name = site.name  # FinalizeReLU reports and selects by the same name
+            unit.example_shape = list(site.shape[1:]) if site.shape else None  # per-example activation shape
+            unit.channel_dim = config.channel_dim
             with torch.no_grad():
                 unit.mask.fill_(config.init)
             rewrite_site(gm, nodes[site.node], site, unit)
@@ -296,10 +334,17 @@ class FinalizeReLUHandler(PassHandler):
                 binary = (unit.mask.detach() >= config.threshold)
                 action = "identity" if not binary.any() else "relu" if binary.all() else "masked"
                 name = getattr(unit, "site_name", str(node.target))
+                if isinstance(unit, MaskedPolyReLU) and action != "relu":
+                    if not bool(unit.calibrated):
+                        raise ConfigError(
+                            f"FinalizeReLU: site {name!r} uses polynomial units that were never fitted; "
+                            f"call surgeon.passes.fit_polynomials(model, calibration_batches) first "
+                            f"(or search_relu_budget, which fits them from its data)")
+                    action = "poly" if action == "identity" else action
                 found.append(Site(name=name, base=name.partition("@")[0], kind="fx", op=unit.kind,
                                   scope=node_scope(node), node=node.name, shape=node_shape(node),
                                   data={"unit": str(node.target), "action": action, "kept": int(binary.sum()),
-                                        "entries": binary.numel()}))
+                                        "entries": binary.numel(), "poly": isinstance(unit, MaskedPolyReLU)}))
         if not found:
             raise PlanError("FinalizeReLU found no MaskedReLU unit: apply LinearizeReLU first.")
         if ctx.recorded_sites is not None:
@@ -314,6 +359,10 @@ class FinalizeReLUHandler(PassHandler):
         nodes = _nodes_by_name(gm)
         for site in plan.sites:
             finalize_site(gm, nodes[site.node], site, config.threshold)
+        if config.fold:
+            from surgeon.passes.relu_fold import fold_linear_ops
+
+            ctx.notes["folded"] = fold_linear_ops(gm)
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
@@ -326,14 +375,20 @@ class FinalizeReLUHandler(PassHandler):
         for s in plan.sites:
             per_example = math.prod(s.shape[1:]) if s.shape else None
             kept = s.data["kept"] / s.data["entries"]
+            relus = int(round(kept * per_example)) if per_example else None
             rows.append({"site": s.name, "op": s.op, "action": s.data["action"],
-                         "kept": f"{s.data['kept']}/{s.data['entries']}",
-                         "relus": int(round(kept * per_example)) if per_example else None})
-        totals = {"relus": sum(r["relus"] for r in rows)} if all(r["relus"] is not None for r in rows) else {}
-        return Report("FinalizeReLU", ["site", "op", "action", "kept", "relus"], rows, totals)
+                         "kept": f"{s.data['kept']}/{s.data['entries']}", "relus": relus,
+                         "poly": (per_example - relus if s.data.get("poly") else 0) if per_example else None})
+        totals = {}
+        if all(r["relus"] is not None for r in rows):
+            totals = {"relus": sum(r["relus"] for r in rows), "poly": sum(r["poly"] for r in rows)}
+        notes = []
+        if ctx.notes.get("folded"):
+            notes.append("folded: " + ", ".join(ctx.notes["folded"]))
+        return Report("FinalizeReLU", ["site", "op", "action", "kept", "relus", "poly"], rows, totals, notes=notes)
 
 
-def masked_units(model: nn.Module) -> dict[str, MaskedReLU | BinaryMaskedReLU]:
+def masked_units(model: nn.Module) -> dict[str, MaskedReLU | BinaryMaskedReLU]:  # PolyUnit included
     """The model's ReLU units keyed by site name (``"layer1.0.relu@1"``), in graph order.
 
     Example:
@@ -343,4 +398,4 @@ def masked_units(model: nn.Module) -> dict[str, MaskedReLU | BinaryMaskedReLU]:
         ['1']
     """
     return {getattr(m, "site_name", name): m for name, m in model.named_modules()
-            if isinstance(m, (MaskedReLU, BinaryMaskedReLU))}
+            if isinstance(m, (MaskedReLU, BinaryMaskedReLU, PolyUnit))}

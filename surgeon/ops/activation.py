@@ -141,12 +141,30 @@ class MaskedReLU(SurgeonUnit):
         self.kind = kind
         self.mask = nn.Parameter(torch.ones(tuple(mask_shape)))
 
+    #: how the stored mask becomes the blend weight: ``None`` uses it as is (SNL-style continuous
+    #: mask), ``"ste"`` uses the hard 0/1 value ``mask > 0`` forward and passes gradients straight
+    #: through to the scores (AutoReP-style). Set by the budget search; never saved.
+    gate: str | None = None
+
+    def mask_value(self, dtype: torch.dtype) -> torch.Tensor:
+        """The blend weight ``m`` in [0, 1] the forward pass uses (see ``gate``)."""
+        m = self.mask.to(dtype)
+        if self.gate == "ste":
+            hard = (m > 0).to(dtype)
+            return hard + m - m.detach()
+        return m
+
+    def linear_part(self, x: torch.Tensor) -> torch.Tensor:
+        """What replaces the activation where the mask is 0 (identity here)."""
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mask.to(x.dtype)
-        return m * activation(self.kind, x) + (1 - m) * x
+        m = self.mask_value(x.dtype)
+        return m * activation(self.kind, x) + (1 - m) * self.linear_part(x)
 
     def relu_count(self, shape: Sequence[int]) -> int:
-        return count_kept(self.mask.detach(), shape)
+        mask = self.mask.detach()
+        return count_kept(mask > 0 if self.gate == "ste" else mask, shape)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, mask_shape={tuple(self.mask.shape)}"
