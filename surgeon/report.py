@@ -130,3 +130,69 @@ class ReportGroup:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
+
+
+def group_accuracy(model: Any, data: Any, groups: Any = None) -> Report:
+    """Accuracy per group (default: per class label), with the worst group and the largest gap.
+
+    ``data`` is ``(inputs, labels)`` tensors or a list of such batches; ``groups`` is ``None``
+    (groups = labels), a tensor/sequence with one group id per sample (in data order), or a
+    callable ``fn(inputs, labels) -> group ids``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.eye(4); y = torch.tensor([0, 1, 2, 0])
+        >>> r = group_accuracy(torch.nn.Identity(), (x, y), groups=torch.tensor([0, 0, 1, 1]))
+        >>> [(row["group"], row["n"], row["accuracy"]) for row in r.rows], r.summary["worst_group"]
+        ([(0, 2, 1.0), (1, 2, 0.5)], 1)
+    """
+    import torch
+
+    from surgeon.errors import ConfigError
+
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
+            and isinstance(data[1], torch.Tensor) and data[0].shape[0] == data[1].shape[0]:
+        batches = [tuple(data)]
+    else:
+        batches = [tuple(b) for b in data]
+    n_total = sum(int(b[1].shape[0]) for b in batches)
+    if groups is not None and not callable(groups):
+        g_all = torch.as_tensor(groups).reshape(-1)
+        if g_all.numel() != n_total:
+            raise ConfigError(f"groups has {g_all.numel()} entries but the data has {n_total} samples; "
+                              f"give one group id per sample, in data order")
+    correct: dict[int, int] = {}
+    count: dict[int, int] = {}
+    offset = 0
+    was = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                pred = model(x).argmax(-1)
+                if groups is None:
+                    g = y
+                elif callable(groups):
+                    g = torch.as_tensor(groups(x, y)).reshape(-1)
+                    if g.numel() != y.numel():
+                        raise ConfigError(f"groups(...) returned {g.numel()} ids for a batch of {y.numel()}")
+                else:
+                    g = g_all[offset:offset + y.shape[0]]
+                offset += y.shape[0]
+                for gid in torch.unique(g).tolist():
+                    sel = g == gid
+                    correct[gid] = correct.get(gid, 0) + int((pred[sel] == y[sel]).sum())
+                    count[gid] = count.get(gid, 0) + int(sel.sum())
+    finally:
+        if hasattr(model, "train"):
+            model.train(was)
+    rows = [{"group": gid, "n": count[gid], "accuracy": correct[gid] / count[gid]} for gid in sorted(count)]
+    accs = [r["accuracy"] for r in rows]
+    overall = sum(correct.values()) / max(sum(count.values()), 1)
+    worst = min(rows, key=lambda r: r["accuracy"]) if rows else None
+    summary = {"accuracy": overall, "worst_group": worst["group"] if worst else None,
+               "worst_accuracy": worst["accuracy"] if worst else None,
+               "gap": (max(accs) - min(accs)) if accs else 0.0}
+    return Report("accuracy per group", ["group", "n", "accuracy"], rows, {"n": sum(count.values()), "accuracy": overall},
+                  summary)
