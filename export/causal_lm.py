@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,17 @@ def _specs(names: list[str], tensors: list[torch.Tensor], dims: list[dict[int, s
     return specs
 
 
+def _rename_dims(proto: Any) -> bool:
+    """Give the derived sequence dim a readable name (``64*chunks`` → ``sequence``) in the graph."""
+    changed = False
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if re.fullmatch(r"\d+\*chunks", dim.dim_param):
+                dim.dim_param = "sequence"
+                changed = True
+    return changed
+
+
 def _export_graph(module: nn.Module, args: tuple, in_names: list[str], out_names: list[str],
                   dynamic: tuple, in_dims: list[dict[int, str]], out_dims: list[dict[int, str]],
                   path: Path, opset: int | None) -> GraphSpec:
@@ -96,6 +108,8 @@ def _export_graph(module: nn.Module, args: tuple, in_names: list[str], out_names
     except Exception as e:
         raise _exporter_error(module, e) from e
     proto = onnx.load(str(path), load_external_data=False)
+    if _rename_dims(proto):
+        onnx.save(proto, str(path))      # external weights stay where they are
     graph_in = {v.name: v for v in proto.graph.input}
     graph_out = {v.name: v for v in proto.graph.output}
     with torch.no_grad():

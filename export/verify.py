@@ -404,6 +404,11 @@ def verify(
     import onnxruntime as ort
 
     manifest = load_manifest(path)
+    if manifest.exporter.get("kind") == "causal_lm_stateful":
+        from surgeon.export.verify_lm import verify_causal_lm
+
+        return verify_causal_lm(path, model, atol=max(atol, 1e-4), rtol=max(rtol, 1e-3),
+                                raise_on_failure=raise_on_failure, seed=seed)
     gname = graph if graph is not None else (
         next(iter(manifest.graphs)) if len(manifest.graphs) == 1 else "model")
     g = manifest.graph(gname)

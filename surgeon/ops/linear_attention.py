@@ -302,7 +302,8 @@ def _check_log_decay(ld: Tensor | None, bht: tuple[int, int, int], Fdim: int, dt
     if tuple(ld.shape) not in (bht, bht + (Fdim,)):
         raise ConfigError(f"log_decay has shape {tuple(ld.shape)}; it must be (B, H, T) = {bht} (per head) or "
                           f"(B, H, T, F) = {bht + (Fdim,)} (per feature channel), for the new tokens only")
-    if bool((ld > 0).any()):
+    capturing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if not capturing and bool((ld > 0).any()):  # no data-dependent check inside captured graphs
         raise ConfigError("log_decay must be ≤ 0 (decay α = exp(log_decay) in (0, 1]); got positive values — "
                           "use e.g. F.logsigmoid(gate_logits)")
     return ld.to(dtype)
@@ -457,8 +458,9 @@ def _causal_chunked(x: _Inputs, C: int) -> tuple[Tensor, Tensor]:
         lin, new_state = _linear_chunked(x.fq, fk, vv, None if x.fresh else x.state, x.groups,
                                          strict=x.window > 0, C=C)
     else:
-        lin, new_state = _gated_linear_chunked(x.fq, _repeat_heads(fk, x.groups), _repeat_heads(vv, x.groups),
-                                               x.log_decay, x.state, strict=x.window > 0, C=C)
+        gated = _scalar_gated_linear_chunked if x.log_decay.dim() == 3 else _gated_linear_chunked
+        lin, new_state = gated(x.fq, _repeat_heads(fk, x.groups), _repeat_heads(vv, x.groups),
+                               x.log_decay, x.state, strict=x.window > 0, C=C)
     return _finish(x, num, den, lin), new_state
 
 
@@ -546,6 +548,37 @@ def _linear_chunked(fq: Tensor, fk: Tensor, vv: Tensor, state: Tensor | None, gr
     if state is None:
         return out, _repeat_heads(total, groups)
     return out + fq @ state, state + _repeat_heads(total, groups)
+
+
+def _scalar_gated_linear_chunked(fq: Tensor, fk: Tensor, vv: Tensor, log_decay: Tensor, state: Tensor, *,
+                                 strict: bool, C: int) -> tuple[Tensor, Tensor]:
+    """Per-head gated chunked linear attention with no loop over chunks (so it exports with a dynamic length).
+
+    All tensors at H heads, log_decay (B,H,T). Inside chunk i with cumulative log decay b: intra terms
+    exp(b_t − b_u) q_t·k_u; the state entering chunk i is Σ_{j<i} exp(G⁻_i − G_j) K_j + exp(G⁻_i) S₀,
+    with G the inclusive cumulative sum of chunk totals, G⁻ the exclusive one, and K_j chunk j's keys
+    decayed to its end. Every exponent is a difference that is ≤ 0.
+    """
+    T = fq.shape[2]
+    q, k, v = _to_chunks(fq, C), _to_chunks(fk, C), _to_chunks(vv, C)        # (B,H,n,C,·)
+    ld = torch.nn.functional.pad(log_decay, (0, (-T) % C)).reshape(*log_decay.shape[:2], -1, C)
+    b = ld.cumsum(-1)                                                           # (B,H,n,C)
+    mask = _causal_mask(C, strict, fq.device)
+    diff = (b[..., :, None] - b[..., None, :]).masked_fill(~mask, float("-inf"))
+    intra = ((q @ k.transpose(-1, -2)) * diff.exp()) @ v                       # (B,H,n,C,Dv+1)
+    total = b[..., -1]                                                          # (B,H,n)
+    g_incl = total.cumsum(-1)
+    g_excl = g_incl - total
+    n = total.shape[-1]
+    before = torch.ones(n, n, dtype=torch.bool, device=fq.device).tril(-1)
+    m = (g_excl[..., :, None] - g_incl[..., None, :]).masked_fill(~before, float("-inf")).exp()  # (B,H,n,n)
+    chunk_kv = (k * (total[..., None] - b).exp()[..., None]).transpose(-1, -2) @ v             # (B,H,n,F,Dv+1)
+    entering = torch.einsum("bhij,bhjfd->bhifd", m, chunk_kv) + g_excl.exp()[..., None, None] * state[:, :, None]
+    inter = b.exp()[..., None] * (q @ entering)
+    out = (intra + inter).reshape(*fq.shape[:2], -1, vv.shape[-1])[:, :, :T]
+    last = g_incl[..., -1:]                                                     # (B,H,1)
+    final = state * last.exp()[..., None] + torch.einsum("bhj,bhjfd->bhfd", (last - g_incl).exp(), chunk_kv)
+    return out, final
 
 
 def _gated_linear_chunked(fq: Tensor, fk: Tensor, vv: Tensor, log_decay: Tensor, state: Tensor, *, strict: bool,

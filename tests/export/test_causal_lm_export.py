@@ -1,0 +1,91 @@
+"""Linearized causal LMs export as prefill + decode ONNX graphs with constant-size state; ORT matches PyTorch."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import surgeon
+import surgeon.export
+from surgeon.passes import LinearizeAttention
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "passes"))
+from attention_models import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen3  # noqa: E402
+
+CASES = {
+    "llama-hedgehog-w8": (tiny_llama, dict(feature_map="hedgehog", window=8)),
+    "qwen3-elu1-liger-w0": (tiny_qwen3, dict(feature_map="elu1", gate="liger", window=0)),
+    "gpt2-hedgehog-learned-w4": (tiny_gpt2, dict(feature_map="hedgehog", gate="learned", window=4)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def exported(request, tmp_path_factory):
+    build, kind = CASES[request.param]
+    model = surgeon.apply(build(), LinearizeAttention(**kind)).model
+    out = tmp_path_factory.mktemp(request.param)
+    result = surgeon.export.to_onnx(model, out)
+    return model, out, result
+
+
+def test_graphs_have_symbolic_batch_and_sequence_and_fixed_state(exported):
+    model, out, result = exported
+    assert sorted(result.manifest.graphs) == ["decode", "prefill"]
+    prefill = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in prefill.graph.input}
+    assert dims["input_ids"] == ["batch", "sequence"] and dims["attention_mask"] == ["batch", "sequence"]
+    decode = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    for v in decode.graph.input:
+        shape = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        assert shape[0] == "batch" and all(isinstance(s, int) for s in shape[1:]), (v.name, shape)
+    domains = {n.domain for g in (prefill, decode) for n in g.graph.node}
+    assert domains <= {"", "ai.onnx"}  # standard ops only
+
+
+def test_verify_parity_decode_and_greedy_agreement(exported, tmp_path):
+    model, out, _ = exported
+    report = surgeon.export.verify(out, model)
+    assert report.passed, report.first_failure
+    assert report.max_abs <= 1e-4 and report.decode_vs_prefill_max_abs <= 1e-4
+    assert report.greedy_agreement == 1.0 and report.greedy_tokens == 64
+    report.save(tmp_path / "verify.json")
+    assert (tmp_path / "verify.md").read_text().startswith("# ONNX deployment check: PASSED")
+
+
+def test_decode_state_is_independent_of_context(exported):
+    model, out, _ = exported
+    gen = surgeon.export.OnnxGenerator(out)
+    sizes = []
+    for length in (10, 300):
+        _, state = gen.run_prefill(torch.randint(0, VOCAB, (1, length)))
+        sizes.append([s.shape for s in state])
+    assert sizes[0] == sizes[1]
+    assert sum(np.prod(s) * 4 for s in sizes[0]) <= gen.state_bytes() * 1.01
+
+
+def test_wrong_state_shape_and_refused_overwrite(exported, tmp_path):
+    model, out, _ = exported
+    gen = surgeon.export.OnnxGenerator(out)
+    _, state = gen.run_prefill(torch.randint(0, VOCAB, (2, 20)))
+    state[0] = state[0][:, :1]
+    with pytest.raises(surgeon.SurgeonError, match="decode.onnx expects"):
+        gen.run_decode(np.zeros((2, 1)), np.zeros((2, 1)), state)
+    other = surgeon.apply(tiny_llama(hidden_size=32, num_attention_heads=4), LinearizeAttention(window=4)).model
+    with pytest.raises(surgeon.SurgeonError, match="different model"):
+        surgeon.export.to_onnx(other, out)
+    assert (out / "prefill.onnx").is_file()  # the existing export is untouched
+
+
+def test_verify_catches_a_mismatched_model(exported):
+    model, out, _ = exported
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():  # random, not uniform: a uniform shift would vanish in the next LayerNorm
+        weight = next(p for n, p in perturbed.named_parameters() if "proj" in n)
+        weight.add_(0.2 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(surgeon.SurgeonError, match="first failure|ONNX deployment check failed"):
+        surgeon.export.verify(out, perturbed)
