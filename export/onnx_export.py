@@ -139,11 +139,13 @@ class ExportResult:
     seconds: float
 
     def __str__(self) -> str:
-        g = self.manifest.graph()
-        ins = ", ".join(f"{t.name}{t.shape}" for t in g.inputs)
-        outs = ", ".join(f"{t.name}{t.shape}" for t in g.outputs)
-        return (f"exported {self.onnx_path} in {self.seconds:.1f} s (opset {g.opset}): "
-                f"inputs {ins}; outputs {outs}")
+        lines = [f"exported {self.onnx_path.parent if len(self.manifest.graphs) > 1 else self.onnx_path} "
+                 f"in {self.seconds:.1f} s"]
+        for name, g in self.manifest.graphs.items():
+            ins = ", ".join(f"{t.name}{t.shape}" for t in g.inputs)
+            outs = ", ".join(f"{t.name}{t.shape}" for t in g.outputs)
+            lines.append(f"  {g.file} (opset {g.opset}): inputs {ins}; outputs {outs}")
+        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- destination

@@ -84,9 +84,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, example = load_surgery(args.surgery)
     if args.example_shape is not None:
         example = (torch.randn(args.example_shape),)
-    if example is None:
-        raise ConfigError("no example input shape recorded; pass --example-shape")
-    result = surgeon.export.to_onnx(model, args.out, example, recipe=load_recipe(args.surgery).to_dict())
+    # linearized causal LMs export prefill + decode graphs and need no example input
+    result = surgeon.export.to_onnx(model, args.out, example, recipe=load_recipe(args.surgery).to_dict(),
+                                    overwrite=args.overwrite)
     print(result)
     return 0
 
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("surgery", help="directory written by `surgeon apply` / surgeon.save")
     p.add_argument("--out", required=True, help="ONNX output directory")
     p.add_argument("--example-shape", type=_parse_shape)
+    p.add_argument("--overwrite", action="store_true", help="replace an export of a different model in --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="check an ONNX export against PyTorch in onnxruntime")
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="saved surgery directory or a model name")
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--json", help="write the verification report here")
+    p.add_argument("--json", help="write the verification report here (JSON; LM exports also write a .md beside it)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("report", help="print the report of a saved surgery")

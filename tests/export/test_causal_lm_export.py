@@ -89,3 +89,16 @@ def test_verify_catches_a_mismatched_model(exported):
         weight.add_(0.2 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(surgeon.SurgeonError, match="first failure|ONNX deployment check failed"):
         surgeon.export.verify(out, perturbed)
+
+
+def test_linearized_encoder_exports_one_forward_graph(tmp_path):
+    from attention_models import tiny_bert
+
+    model = surgeon.apply(tiny_bert(), LinearizeAttention(feature_map="hedgehog", window=0)).model
+    ids = torch.randint(0, VOCAB, (2, 24))
+    result = surgeon.export.to_onnx(model, tmp_path / "bert", (ids,),
+                                    dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}})
+    assert list(result.manifest.graphs) == ["model"]
+    report = surgeon.export.verify(tmp_path / "bert", model, atol=1e-4)
+    assert report.passed and report.max_abs <= 1e-5
+    assert all(row.input_shapes["input_ids"] != [2, 24] for row in report.rows)
