@@ -388,7 +388,7 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Any, config: BudgetSear
             loss.backward()
             opt.step()
             sched.step()
-            total += float(mean)
+            total += float(mean.detach())
         for gid, acc in gaps.items():
             lambdas[gid] = lambdas.get(gid, 0.0) + config.group_mu * acc
         history.append({"phase": "finetune", "epoch": epoch, "loss": total / len(batches),
