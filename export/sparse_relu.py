@@ -9,8 +9,9 @@ frozen site by a gather → Relu → scatter unit:
 * a **pixel** (or partial) mask gathers kept element indices of the flattened example; the
   per-example shape is fixed by the mask, so only the batch dim may be dynamic.
 
-Plain ReLU6 sites are written as ``Relu`` then ``min(·, 6)``, so every ReLU-family element of the
-exported graph passes through exactly one ``Relu`` node. :func:`count_relu_elements` reads the file
+ReLU6 elements are written as ``Relu`` then ``min(·, 6)`` (the exporter may fuse that into
+``Clip(0, 6)``, which the counter treats as a ReLU node), so every ReLU-family element of the
+exported graph passes through exactly one ReLU node. :func:`count_relu_elements` reads the file
 back, runs it in onnxruntime with every ``Relu`` input exposed, and returns the elements per example
 that went through ``Relu`` nodes: it equals the budget.
 
@@ -171,8 +172,36 @@ def _onnx_file(path: str | Path) -> Path:
     return path
 
 
+def _const_value(name: str, graph: Any) -> float | None:
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            v = numpy_helper.to_array(init)
+            return float(v.reshape(-1)[0]) if v.size == 1 else None
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    v = numpy_helper.to_array(attr.t)
+                    return float(v.reshape(-1)[0]) if v.size == 1 else None
+                if attr.name in ("value_float", "value_int"):
+                    return float(attr.f if attr.name == "value_float" else attr.i)
+    return None
+
+
+def _is_relu_clip(node: Any, graph: Any) -> bool:
+    """``Clip(x, min=0, ...)``: the exporter's spelling of ReLU6 (a ReLU with an upper clip)."""
+    if node.op_type != "Clip" or len(node.input) < 2 or not node.input[1]:
+        return False
+    return _const_value(node.input[1], graph) == 0.0
+
+
 def count_relu_elements(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> int:
     """Elements per example that pass through ``Relu`` nodes of an ONNX file (summed over nodes).
+
+    ``Clip`` nodes with a constant lower bound 0 (how the exporter writes ReLU6, even when fused
+    from ``Relu`` + ``Min``) count as ReLU nodes too.
 
     Runs the graph in onnxruntime with each ``Relu`` input added as an output, on random inputs of
     ``input_shapes`` (default: the manifest's example shapes), and divides by the batch size.
@@ -182,7 +211,7 @@ def count_relu_elements(path: str | Path, input_shapes: dict[str, list[int]] | N
 
     file = _onnx_file(path)
     proto = onnx.load(str(file), load_external_data=True)
-    relu_inputs = [n.input[0] for n in proto.graph.node if n.op_type == "Relu"]
+    relu_inputs = [n.input[0] for n in proto.graph.node if n.op_type == "Relu" or _is_relu_clip(n, proto.graph)]
     for sub in proto.graph.node:
         for attr in sub.attribute:
             if attr.g is not None and any(n.op_type == "Relu" for n in attr.g.node):

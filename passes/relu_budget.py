@@ -383,7 +383,7 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Any, config: BudgetSear
                 for gid in torch.unique(g).tolist():
                     gap = (per[g == gid].mean() - mean).abs()
                     loss = loss + lambdas.get(gid, 0.0) * gap
-                    gaps[gid] = gaps.get(gid, 0.0) + float(gap)
+                    gaps[gid] = gaps.get(gid, 0.0) + float(gap.detach())
             opt.zero_grad()
             loss.backward()
             opt.step()
