@@ -208,8 +208,10 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05, 0.02])
     ap.add_argument("--methods", nargs="+", default=["snl", "autorep", "calibration"])
     ap.add_argument("--poly", action="store_true", help="also run AutoReP with polynomial units")
-    ap.add_argument("--search-epochs", type=int, default=20)
-    ap.add_argument("--finetune-epochs", type=int, default=20)
+    ap.add_argument("--search-epochs", type=int, default=10)
+    ap.add_argument("--finetune-epochs", type=int, default=10)
+    ap.add_argument("--train-epochs", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--skip-efficientnet", action="store_true")
     ap.add_argument("--skip-fairness", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
@@ -221,8 +223,8 @@ def main() -> None:
     t_start = time.perf_counter()
 
     (xtr, ytr), test = digits_split()
-    train_data = batches(xtr, ytr)
-    base = train(DigitsResNet(), train_data)
+    train_data = batches(xtr, ytr, args.batch)
+    base = train(DigitsResNet(), train_data, epochs=args.train_epochs)
     base_acc = accuracy(base, *test)
     print(f"digits ResNet: {len(ytr)} train / {len(test[1])} test, test accuracy {100 * base_acc:.2f}%, "
           f"{private_costs(base, xtr[:2]).totals['relus']} ReLUs per example")
@@ -248,8 +250,8 @@ def main() -> None:
 
     if not args.skip_fairness:
         (xi, yi), test_i = digits_split(imbalanced=True)
-        data_i = batches(xi, yi)
-        base_i = train(DigitsResNet(), data_i)
+        data_i = batches(xi, yi, args.batch)
+        base_i = train(DigitsResNet(), data_i, epochs=args.train_epochs)
         fair = {"teacher": group_accuracy(base_i, test_i).summary}
         for penalty in (False, True):
             c = BudgetSearchConfig(epochs=args.search_epochs, finetune_epochs=args.finetune_epochs,
