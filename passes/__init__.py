@@ -12,7 +12,9 @@ from surgeon.passes.relu_budget import (
     BudgetResult, BudgetSearchConfig, fit_polynomials, kept_relus, search_relu_budget, select_top_k, total_relus,
 )
 from surgeon.passes.relu_fold import fold_linear_ops
+from surgeon.passes.linearizer import LinearizerSandwich
 
 __all__ = ["LinearizeAttention", "LinearizeReLU", "FinalizeReLU", "masked_units", "linear_fraction", "linearize_near_linear"]
 __all__ += ["search_relu_budget", "BudgetSearchConfig", "BudgetResult", "select_top_k", "fit_polynomials",
             "kept_relus", "total_relus", "fold_linear_ops"]
+__all__ += ["LinearizerSandwich"]

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from surgeon.api import Surgery, apply
 from surgeon.config import PassConfig
+from surgeon.linearizer import Linearizer
 from surgeon.errors import (
     ConfigError,
     ExportError,
@@ -35,7 +36,7 @@ __all__ = [
     "apply", "Surgery", "save", "restore", "load_recipe", "Recipe", "PassConfig", "PassHandler",
     "ModuleSwapHandler", "PassContext", "register_pass", "Site", "Plan", "Report", "ReportGroup",
     "SurgeonError", "ConfigError", "SelectionError", "TraceError", "PlanError", "RewriteError",
-    "RecipeError", "RestoreError", "ExportError", "VerificationError",
+    "RecipeError", "RestoreError", "ExportError", "VerificationError", "Linearizer",
 ]
 
 
