@@ -13,8 +13,9 @@ from surgeon.passes.relu_budget import (
 )
 from surgeon.passes.relu_fold import fold_linear_ops
 from surgeon.passes.linearizer import LinearizerSandwich
+from surgeon.passes.linear_blocks import ReplaceLinearBlocks, block_linearity
 
 __all__ = ["LinearizeAttention", "LinearizeReLU", "FinalizeReLU", "masked_units", "linear_fraction", "linearize_near_linear"]
 __all__ += ["search_relu_budget", "BudgetSearchConfig", "BudgetResult", "select_top_k", "fit_polynomials",
             "kept_relus", "total_relus", "fold_linear_ops"]
-__all__ += ["LinearizerSandwich"]
+__all__ += ["LinearizerSandwich", "ReplaceLinearBlocks", "block_linearity"]
