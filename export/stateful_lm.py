@@ -143,7 +143,7 @@ class StatefulLM(nn.Module):
         causal = torch.ones(n_new, n_keys, dtype=torch.bool, device=input_ids.device).tril(n_keys - n_new)
         mask = key_valid[:, None, None, :] & causal[None, None]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         cache=cache, use_cache=True)
         new_state = []
         for spec in self.layout.specs:
             layer = cache.layers[spec.layer]

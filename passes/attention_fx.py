@@ -176,8 +176,8 @@ def _einsum_operands(node: fx.Node) -> list[Any]:
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
 
 
-def _scores_einsum(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
-    """``einsum('bhqd,bhkd->bhqk', q, k)`` → (q, k, k_is_transposed)."""
+def _batched_einsum(node: fx.Node) -> tuple[str, str, str, list[fx.Node]] | None:
+    """A two-operand einsum over matching batch dims (all but the last two): (a, b, out, operands)."""
     parsed = _parse_einsum(node.args[0]) if node.args and isinstance(node.args[0], str) else None
     operands = _einsum_operands(node)
     if parsed is None or len(operands) != 2:
@@ -185,6 +185,15 @@ def _scores_einsum(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
     (a, b), out = parsed
     if not (len(a) == len(b) == len(out) >= 3 and a[:-2] == b[:-2] == out[:-2]):
         return None
+    return a, b, out, operands
+
+
+def _scores_einsum(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """``einsum('bhqd,bhkd->bhqk', q, k)`` → (q, k, k_is_transposed)."""
+    found = _batched_einsum(node)
+    if found is None:
+        return None
+    a, b, out, operands = found
     i, d = a[-2], a[-1]
     if d in out or out[-2] != i:
         return None
@@ -197,13 +206,10 @@ def _scores_einsum(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
 
 def _output_einsum(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """``einsum('bhqk,bhkd->bhqd', p, v)`` → (p, v)."""
-    parsed = _parse_einsum(node.args[0]) if node.args and isinstance(node.args[0], str) else None
-    operands = _einsum_operands(node)
-    if parsed is None or len(operands) != 2:
+    found = _batched_einsum(node)
+    if found is None:
         return None
-    (a, b), out = parsed
-    if not (len(a) == len(b) == len(out) >= 3 and a[:-2] == b[:-2] == out[:-2]):
-        return None
+    a, b, out, operands = found
     i, j = a[-2], a[-1]
     if b[-2] == j and out[-2] == i and out[-1] == b[-1] and b[-1] not in (i, j):
         return operands[0], operands[1]
