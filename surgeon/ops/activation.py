@@ -133,6 +133,21 @@ def count_kept(mask: torch.Tensor, shape: Sequence[int]) -> int:
     return int(round(kept_fraction * per_example))
 
 
+def _adopt_mask_shape(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """A budget search may widen a mask (a partially kept channel becomes per-element): take the
+    saved shape when it differs, so ``surgeon.restore`` reloads such masks."""
+    key = prefix + "mask"
+    incoming = state_dict.get(key)
+    current = getattr(module, "mask", None)
+    if incoming is None or current is None or incoming.shape == current.shape:
+        return
+    fresh = torch.zeros(incoming.shape, dtype=current.dtype, device=current.device)
+    if isinstance(current, nn.Parameter):
+        module.mask = nn.Parameter(fresh, requires_grad=current.requires_grad)
+    else:
+        module._buffers["mask"] = fresh
+
+
 class MaskedReLU(SurgeonUnit):
     """``m ⊙ act(x) + (1 − m) ⊙ x`` with a trainable mask ``m`` (initialised to 1: exactly ``act``)."""
 
@@ -169,6 +184,10 @@ class MaskedReLU(SurgeonUnit):
     def extra_repr(self) -> str:
         return f"kind={self.kind}, mask_shape={tuple(self.mask.shape)}"
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        _adopt_mask_shape(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class BinaryMaskedReLU(SurgeonUnit):
     """Frozen 0/1 mask: ``act(x)`` where the mask is 1, ``x`` where it is 0 (exact ``torch.where``)."""
@@ -186,6 +205,10 @@ class BinaryMaskedReLU(SurgeonUnit):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, kept={int(self.mask.sum())}/{self.mask.numel()}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        _adopt_mask_shape(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def plain_activation_target(kind: ActKind):

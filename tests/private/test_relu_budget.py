@@ -236,3 +236,18 @@ def test_poly_without_calibration(data):
     assert _same(s.model, before)
     with pytest.raises(ConfigError, match="no polynomial units"):
         fit_polynomials(surgeon.apply(Net(), LinearizeReLU(granularity="layer")).model, [x])
+
+
+@pytest.mark.parametrize("finalize", [False, True])
+def test_save_restore_after_budget_search(tmp_path, data, finalize):
+    x = data[0][0]
+    base = Net()
+    s = surgeon.apply(base, LinearizeReLU(granularity="channel", budget=60, units="poly"), example_inputs=x[:2])
+    search_relu_budget(s, data, method="calibration", config=BudgetSearchConfig(finetune_epochs=1))
+    assert any(u.mask.dim() and u.mask.shape[-1] == 5 for u in relu_units(s.model).values())  # a partial channel
+    if finalize:
+        s = surgeon.apply(s, FinalizeReLU())
+    s.model.eval()
+    surgeon.save(s, tmp_path)
+    restored = surgeon.restore(base, tmp_path).eval()
+    torch.testing.assert_close(restored(x), s.model(x), atol=1e-6, rtol=1e-6)
