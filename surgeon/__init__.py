@@ -46,4 +46,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("surgeon.export")
+    if name in ("distill", "DistillConfig", "DistillResult", "evaluate", "EvalResult"):
+        # imported on first use (accelerate + peft); the package is callable: surgeon.distill(model, ...)
+        import importlib
+
+        package = importlib.import_module("surgeon.distill")
+        return package if name == "distill" else getattr(package, name)
     raise AttributeError(f"module 'surgeon' has no attribute {name!r}")

@@ -1,0 +1,194 @@
+"""Training / evaluation data: any iterable of texts or token ids, packed to a fixed length; offline sources.
+
+Packing concatenates documents (an EOS token between them when the tokenizer has one) and cuts the
+stream into ``seq_len``-token rows; a short tail is dropped. Built-in sources, all offline:
+
+* ``pydoc_texts(split)``: CPython's ``pydoc_data/topics.py`` prose (~465 k characters, 79 topics),
+  split into fixed train / held-out topic sets by a SHA-1 of the topic name. Paragraphs that occur in
+  a held-out topic are removed from the training topics too, so no held-out text is ever trained on.
+* ``teacher_texts(model, tokenizer, n)``: text sampled from the teacher (seeded), prompted with the
+  first sentences of training topics (self-distillation data, as LoLCATs' Alpaca stands in for).
+
+Example:
+    >>> train, held = topic_split()
+    >>> len(train), len(held), bool(set(train) & set(held))
+    (64, 15, False)
+    >>> pack([[1, 2, 3, 4, 5], [6, 7, 8]], seq_len=3, eos_token_id=0).tolist()
+    [[1, 2, 3], [4, 5, 0], [6, 7, 8]]
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+import torch
+
+from surgeon.errors import ConfigError
+
+HELD_OUT_FRACTION = 0.2
+
+
+# -- pydoc topics ---------------------------------------------------------------------------------
+def _topics() -> dict[str, str]:
+    from pydoc_data.topics import topics
+
+    return dict(topics)
+
+
+def topic_split(held_out: float = HELD_OUT_FRACTION) -> tuple[list[str], list[str]]:
+    """Topic names (train, held-out): a topic is held out when the SHA-1 of its name falls below ``held_out``."""
+    train, held = [], []
+    for name in sorted(_topics()):
+        h = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (held if h < held_out else train).append(name)
+    return train, held
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def pydoc_texts(split: str = "train") -> list[str]:
+    """One text per topic of ``split`` (``train`` or ``held_out``); train texts lose every paragraph that
+    also occurs in a held-out topic."""
+    train, held = topic_split()
+    topics = _topics()
+    if split in ("held_out", "heldout", "test", "eval"):
+        return [topics[n] for n in held]
+    if split != "train":
+        raise ConfigError(f"pydoc split must be 'train' or 'held_out', got {split!r}")
+    held_paragraphs = {p for n in held for p in _paragraphs(topics[n])}
+    out = []
+    for n in train:
+        kept = [p for p in _paragraphs(topics[n]) if p not in held_paragraphs]
+        if kept:
+            out.append("\n\n".join(kept))
+    return out
+
+
+# -- teacher-generated text --------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_texts(model: torch.nn.Module, tokenizer: Any, n: int = 8, max_new_tokens: int = 256, seed: int = 0,
+                  temperature: float = 0.8, top_p: float = 0.95) -> list[str]:
+    """``n`` texts sampled from ``model`` (seeded; the global RNG is left as it was), each prompted with
+    the opening of a training topic. Deterministic for a given model, seed and machine."""
+    prompts = []
+    for text in pydoc_texts("train"):
+        first = text.strip().split("\n")[0][:200]
+        if len(first) > 20:
+            prompts.append(first)
+    if not prompts:
+        raise ConfigError("no prompts for teacher-generated text")
+    was = model.training
+    model.eval()
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(n):
+            ids = tokenizer(prompts[i % len(prompts)], return_tensors="pt")
+            ids = {k: v.to(_device(model)) for k, v in ids.items()}
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                 top_p=top_p, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            out.append(tokenizer.decode(gen[0], skip_special_tokens=True))
+    model.train(was)
+    return out
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# -- packing ---------------------------------------------------------------------------------------
+def _as_id_lists(data: Any, tokenizer: Any) -> list[list[int]]:
+    if isinstance(data, str):
+        raise ConfigError("data is a single string: pass a list of texts (e.g. [text]) or a built-in source "
+                          "name ('pydoc', 'teacher')")
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 1:
+            return [data.tolist()]
+        if data.dim() == 2:
+            return [row.tolist() for row in data]
+        raise ConfigError(f"token tensor data must be 1-D or 2-D (sequences × tokens), got shape {tuple(data.shape)}")
+    docs: list[list[int]] = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ConfigError(f"data item {i} is text but no tokenizer was given: pass tokenizer=... "
+                                  "or token ids")
+            docs.append(tokenizer(item, add_special_tokens=False)["input_ids"])
+        elif isinstance(item, torch.Tensor):
+            if item.dim() > 2:
+                raise ConfigError(f"data item {i}: token tensor of shape {tuple(item.shape)}; expected 1-D or 2-D")
+            docs.extend([item.tolist()] if item.dim() == 1 else [r.tolist() for r in item])
+        elif isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
+            docs.append(list(item))
+        elif isinstance(item, dict) and "input_ids" in item:
+            docs.extend(_as_id_lists([item["input_ids"]], tokenizer))
+        else:
+            raise ConfigError(f"data item {i} is a {type(item).__name__}: expected a text, a list of token ids or a "
+                              "token tensor")
+    return docs
+
+
+def pack(data: Any, seq_len: int, tokenizer: Any = None, eos_token_id: int | None = None,
+         vocab_size: int | None = None, what: str = "data") -> torch.Tensor:
+    """Pack texts / token sequences into a ``(n, seq_len)`` LongTensor (EOS between documents)."""
+    docs = [d for d in _as_id_lists(data, tokenizer) if d]
+    if not docs:
+        raise ConfigError(f"{what} is empty: give at least one non-empty text or token sequence "
+                          "(or a built-in source: 'pydoc', 'teacher')")
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = tokenizer.eos_token_id
+    stream: list[int] = []
+    for d in docs:
+        stream.extend(d)
+        if eos_token_id is not None:
+            stream.append(eos_token_id)
+    if eos_token_id is not None:
+        stream.pop()
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ConfigError(f"{what} holds {len(stream)} tokens in {len(docs)} document(s), fewer than one training "
+                          f"sequence of seq_len={seq_len} tokens: give more text or lower seq_len")
+    ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if vocab_size is not None and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        raise ConfigError(f"{what} has token id {int(ids.max())} outside the model's vocabulary of {vocab_size}: "
+                          "tokenize with the model's own tokenizer")
+    return ids
+
+
+def resolve(data: Any, model: torch.nn.Module, tokenizer: Any, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``data`` as packed training ids: a built-in source name, texts, token lists or a tensor."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(data, str) and data in ("pydoc", "teacher", "pydoc+teacher"):
+        if tokenizer is None:
+            raise ConfigError(f"data={data!r} is text: pass tokenizer=...")
+        texts: list[str] = []
+        if "pydoc" in data:
+            texts += pydoc_texts("train")
+        if "teacher" in data:
+            texts += teacher_texts(model, tokenizer, seed=seed)
+        return pack(texts, seq_len, tokenizer, vocab_size=vocab, what=f"data={data!r}")
+    if data is None:
+        raise ConfigError("data is None: pass texts, token ids, or a built-in source name ('pydoc', 'teacher')")
+    return pack(data, seq_len, tokenizer, vocab_size=vocab)
+
+
+def ngram_overlap(train: torch.Tensor, held: torch.Tensor, n: int = 32) -> int:
+    """How many length-``n`` token windows of ``held`` also occur anywhere in ``train`` (0 = disjoint)."""
+    seen = set()
+    for row in train.tolist():
+        for i in range(len(row) - n + 1):
+            seen.add(tuple(row[i:i + n]))
+    hits = 0
+    for row in held.tolist():
+        for i in range(len(row) - n + 1):
+            hits += tuple(row[i:i + n]) in seen
+    return hits
+
+
+def data_digest(packs: torch.Tensor) -> str:
+    return hashlib.sha1(packs.contiguous().numpy().tobytes()).hexdigest()[:16] + f"-{tuple(packs.shape)}"
+
+
+__all__ = ["topic_split", "pydoc_texts", "teacher_texts", "pack", "resolve", "ngram_overlap", "data_digest"]

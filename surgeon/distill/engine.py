@@ -1,0 +1,375 @@
+"""The training loop of both distillation stages, on ``accelerate``.
+
+One process on CPU here; under ``accelerate launch`` each process takes its own micro-batches (a
+fixed interleaving of one seeded global order) and gradients are averaged across processes before
+every optimizer step, so the same code runs DDP unchanged. Gradient accumulation, bf16 autocast,
+gradient clipping, AdamW with constant / cosine / plateau schedules, tqdm progress, loss curves, and
+checkpoints that resume *exactly*: trainable tensors, optimizer and scheduler state, every RNG and
+the data position (a pure function of the step) are saved, and a resumed run repeats the
+uninterrupted one bit for bit.
+
+Example:
+    >>> order = DataOrder(n_items=5, batch_size=2, seed=0)
+    >>> [order.micro_batch(g) for g in range(3)]   # a seeded permutation per epoch, never a repeat within one
+    [[4, 0], [1, 3], [2, 0]]
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from surgeon.distill.config import DistillConfig
+from surgeon.errors import ConfigError, SurgeonError
+
+CHECKPOINT_FORMAT = 1
+
+
+class DistillError(SurgeonError):
+    """Distillation stopped (non-finite loss or gradients); the message names the layer and the last checkpoint."""
+
+
+# -- accelerate ---------------------------------------------------------------------------------
+def make_accelerator(mixed_precision: str = "no"):
+    """An ``accelerate.Accelerator`` (CPU when no GPU). In a single plain process a differently configured
+    earlier Accelerator is reset first (accelerate keeps one global state per process)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = not torch.cuda.is_available()
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise
+        AcceleratorState._reset_state(True)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+# -- data order ----------------------------------------------------------------------------------
+@dataclass
+class DataOrder:
+    """Which items make global micro-batch ``g`` on process ``rank``: a pure function of (seed, g), so the
+    data position of a resumed run is just its step count."""
+
+    n_items: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+    _perms: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n_items, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def micro_batch(self, g: int) -> list[int]:
+        first = (g * self.world + self.rank) * self.batch_size
+        out = []
+        for j in range(first, first + self.batch_size):
+            out.append(self._perm(j // self.n_items)[j % self.n_items])
+        return out
+
+
+# -- RNG -----------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- optimizer / scheduler ---------------------------------------------------------------------------
+def make_optimizer(params: list[nn.Parameter], lr: float, config: DistillConfig, total_steps: int):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    warm = config.warmup_steps
+    if config.scheduler == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=10, min_lr=lr * 1e-3)
+    elif config.scheduler == "cosine":
+        def f(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            t = (step - warm) / max(1, total_steps - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return opt, sched
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class Checkpoints:
+    """``ckpt-000123.pt`` files in one folder, written atomically; the newest ``keep`` are kept."""
+
+    def __init__(self, directory: str | None, keep: int, identity: dict[str, Any], is_main: bool = True) -> None:
+        self.dir = Path(directory) if directory else None
+        self.keep = keep
+        self.identity = identity
+        self.is_main = is_main
+        self.counter = 0
+        self.last_path: Path | None = None
+        if self.dir is not None and self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            existing = self.list()
+            if existing:
+                self.counter = int(existing[-1].stem.split("-")[1])
+                self.last_path = existing[-1]
+
+    def list(self) -> list[Path]:
+        if self.dir is None or not self.dir.is_dir():
+            return []
+        return sorted(self.dir.glob("ckpt-*.pt"))
+
+    def save(self, payload: dict[str, Any]) -> Path | None:
+        if self.dir is None or not self.is_main:
+            return None
+        self.counter += 1
+        path = self.dir / f"ckpt-{self.counter:06d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"format": CHECKPOINT_FORMAT, **self.identity, **payload}, tmp)
+        os.replace(tmp, path)
+        self.last_path = path
+        for old in self.list()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> dict[str, Any] | None:
+        files = self.list()
+        if not files:
+            return None
+        data = torch.load(files[-1], weights_only=False)
+        self.check(data, files[-1])
+        return data
+
+    def check(self, data: dict[str, Any], path: Path) -> None:
+        if data.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{path} is not a surgeon distillation checkpoint (format {data.get('format')!r}); "
+                              "point checkpoint_dir at a folder written by surgeon.distill")
+        diffs = []
+        mine, theirs = self.identity["config"], data.get("config", {})
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                diffs.append(f"{key}: checkpoint {theirs.get(key)!r} vs now {mine.get(key)!r}")
+        for key, what in (("model", "model (linearized layers / new parameters)"), ("data", "training data")):
+            if self.identity[key] != data.get(key):
+                diffs.append(f"{what} differs (checkpoint {data.get(key)} vs now {self.identity[key]})")
+        if diffs:
+            raise ConfigError(f"cannot resume from {path}: it was written for a different configuration:\n  "
+                              + "\n  ".join(diffs) + "\nresume with the same settings, or start fresh in another "
+                              "checkpoint_dir (or with resume=False); nothing was changed")
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+@dataclass
+class Phase:
+    """One optimisation run: a stage-1 layer block, the joint stage 1, or stage 2."""
+
+    stage: str                      # "transfer" | "lora"
+    index: int                      # block index within the stage
+    name: str                       # for progress / errors, e.g. "layers 3-5"
+    params: list[nn.Parameter]
+    n_items: int
+    loss_fn: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
+    lr: float
+    steps: int
+    tokens_per_item: int
+    locate_nan: Callable[[dict[str, float]], str] | None = None
+
+
+@dataclass
+class PhaseResult:
+    steps_done: int
+    stopped_early: bool
+    seconds: float
+    tokens: int
+
+
+def run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoints, history: list[dict[str, Any]],
+              save_state: Callable[[], dict[str, Any]], resume: dict[str, Any] | None = None,
+              deadline: float | None = None, callbacks: Iterable[Callable[[dict[str, Any]], None]] = ()
+              ) -> PhaseResult:
+    """Run ``phase.steps`` optimizer steps (or until ``deadline``), checkpointing and logging as configured."""
+    start = time.perf_counter()
+    order = DataOrder(phase.n_items, config.batch_size, config.seed + 7919 * phase.index,
+                      accelerator.process_index, accelerator.num_processes)
+    opt, sched = make_optimizer(phase.params, phase.lr, config, phase.steps)
+    step = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["rng"])
+        step = resume["step"]
+    accum = config.grad_accum
+    tokens_per_step = phase.tokens_per_item * config.batch_size * accum * accelerator.num_processes
+    bar = _progress(phase, config, accelerator, step)
+    stopped = False
+
+    def checkpoint() -> Path | None:
+        return ckpts.save({**save_state(), "phase": (phase.stage, phase.index), "step": step,
+                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+                           "history": history})
+
+    try:
+        while step < phase.steps:
+            if deadline is not None and time.perf_counter() > deadline:
+                stopped = True
+                break
+            total = 0.0
+            parts_sum: dict[str, float] = {}
+            for micro in range(accum):
+                items = order.micro_batch(step * accum + micro)
+                with accelerator.autocast():
+                    loss, parts = phase.loss_fn(items)
+                if not torch.isfinite(loss.detach()).all():
+                    _stop_non_finite(phase, step, parts, ckpts, "loss")
+                accelerator.backward(loss / accum)
+                total += float(loss.detach()) / accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
+            if accelerator.num_processes > 1:
+                for p in phase.params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean"))
+            bad = [i for i, p in enumerate(phase.params) if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if bad:
+                _stop_non_finite(phase, step, parts_sum, ckpts, "gradient", grad_param=bad[0])
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(phase.params, config.max_grad_norm)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.step(total)
+            else:
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % config.log_every == 0 or step == phase.steps:
+                history.append({"stage": phase.stage, "phase": phase.index, "step": step, "loss": total, "lr": lr,
+                                "tokens": step * tokens_per_step, **{f"loss/{k}": v for k, v in parts_sum.items()}})
+            if bar is not None:
+                bar.update()
+                bar.set_postfix_str(f"loss {total:.4g}")
+            info = {"stage": phase.stage, "phase": phase.index, "step": step, "loss": total}
+            if step % config.checkpoint_every == 0 or step == phase.steps:
+                checkpoint()
+            for cb in callbacks:
+                cb(info)
+    finally:
+        if bar is not None:
+            bar.close()
+    return PhaseResult(step, stopped, time.perf_counter() - start, step * tokens_per_step)
+
+
+def _progress(phase: Phase, config: DistillConfig, accelerator, initial: int):
+    if not config.progress or not accelerator.is_main_process:
+        return None
+    from tqdm.auto import tqdm
+
+    label = "attention transfer" if phase.stage == "transfer" else "LoRA distillation"
+    return tqdm(total=phase.steps, initial=initial, desc=f"{label} ({phase.name})", unit="step", leave=False)
+
+
+def _stop_non_finite(phase: Phase, step: int, parts: dict[str, float], ckpts: Checkpoints, what: str,
+                     grad_param: int | None = None) -> None:
+    where = None
+    bad = [k for k, v in parts.items() if not math.isfinite(v)]
+    if bad:
+        where = bad[0]
+    elif phase.locate_nan is not None:
+        where = phase.locate_nan(parts)
+    if where is None and grad_param is not None:
+        where = f"parameter #{grad_param} of {phase.name}"
+    last = (f"the last good checkpoint is {ckpts.last_path}" if ckpts.last_path is not None else
+            "no checkpoint was written yet (set checkpoint_dir to keep one)")
+    for p in phase.params:
+        p.grad = None
+    raise DistillError(
+        f"{'attention transfer' if phase.stage == 'transfer' else 'LoRA distillation'} ({phase.name}): {what} is "
+        f"not finite at step {step + 1}{f' in {where}' if where else ''}. Training stopped before this step was "
+        f"applied, so the model holds the parameters after step {step}; {last}. Lower the learning rate, use "
+        "mixed_precision='no', or check that layer's inputs.")
+
+
+def save_curves(history: list[dict[str, Any]], directory: str | Path, title: str = "surgeon distill") -> dict[str, str]:
+    """Write ``loss_curves.json`` and ``loss_curves.png`` (one panel per stage) under ``directory``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loss_curves.json").write_text(json.dumps(history, indent=1))
+    paths = {"json": str(out / "loss_curves.json")}
+    stages = [s for s in ("transfer", "lora") if any(h["stage"] == s for h in history)]
+    if not stages:
+        return paths
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        rows = [h for h in history if h["stage"] == stage]
+        if stage == "transfer":
+            keys = sorted({k for h in rows for k in h if k.startswith("loss/")}, key=_layer_key)
+            for k in keys:
+                pts = [(h["step"], h[k]) for h in rows if k in h]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, label=k[5:])
+            ax.set_yscale("log")
+            ax.set_title("stage 1: attention-transfer MSE per layer")
+            if len(keys) <= 12:
+                ax.legend(fontsize=6)
+        else:
+            ax.plot([h["step"] for h in rows], [h["loss"] for h in rows], lw=0.8)
+            ax.set_title("stage 2: LoRA distillation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+    paths["png"] = str(out / "loss_curves.png")
+    return paths
+
+
+def _layer_key(key: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in key if ch.isdigit())
+    return (int(digits) if digits else -1, key)
+
+
+@contextlib.contextmanager
+def nullcontext():
+    yield
+
+
+__all__ = ["DistillError", "make_accelerator", "DataOrder", "Checkpoints", "Phase", "run_phase", "save_curves",
+           "seed_everything", "rng_state", "set_rng_state"]
