@@ -310,6 +310,14 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
     return loss.mean() if reduction == "mean" else loss
 
 
+def _teacher_logits(teacher: nn.Module, batches: list, i: int, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The (fixed, eval-mode) teacher's output for batch ``i``, computed once per training run."""
+    if i not in cache:
+        with torch.no_grad():
+            cache[i] = teacher(batches[i][0])
+    return cache[i]
+
+
 def _teacher_of(model: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(model)
     for u in relu_units(teacher).values():
@@ -367,14 +375,14 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Any, config: BudgetSear
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     lambdas: dict[int, float] = {}
     gen = torch.Generator().manual_seed(config.seed)
+    cache: dict[int, torch.Tensor] = {}
     model.train()
     for epoch in range(epochs):
         gaps: dict[int, float] = {}
         total = 0.0
         for i in torch.randperm(len(batches), generator=gen).tolist():
             x, y = batches[i]
-            with torch.no_grad():
-                t = teacher(x)
+            t = _teacher_logits(teacher, batches, i, cache)
             per = kd_loss(model(x), t, y, config.kd_temperature, config.kd_alpha, reduction="none")
             mean = per.mean()
             loss = mean
@@ -493,12 +501,12 @@ def _train_masks(model: nn.Module, teacher: nn.Module, batches: list, k: int, to
     lam = config.snl_lambda
     gen = torch.Generator().manual_seed(config.seed)
     best_count, stall = float("inf"), 0
+    cache: dict[int, torch.Tensor] = {}
     model.train()
     for epoch in range(config.epochs):
         for i in torch.randperm(len(batches), generator=gen).tolist():
             x, y = batches[i]
-            with torch.no_grad():
-                t = teacher(x)
+            t = _teacher_logits(teacher, batches, i, cache)
             loss = kd_loss(model(x), t, y, config.kd_temperature, config.kd_alpha)
             if method == "snl":
                 loss = loss + lam * _soft_count(units, hard=False) / total
