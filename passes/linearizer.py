@@ -509,6 +509,16 @@ def _train(lin: Linearizer, geo: _Geometry, xt: torch.Tensor, yt: torch.Tensor, 
         with torch.no_grad():
             return rel_err(lin(xv), yv)
 
+    threads = torch.get_num_threads()
+    if bs * per * max(geo.n, geo.m, config.hidden) < 2_000_000:
+        torch.set_num_threads(1)  # small steps: thread hand-offs cost more than they save (much more on a busy box)
+    try:
+        return _train_loop(lin, geo, xt, yt, xv, yv, config, name, opt, params, g, var_y, bs, evaluate)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_loop(lin, geo, xt, yt, xv, yv, config, name, opt, params, g, var_y, bs, evaluate):
     best_err, best = evaluate(), copy.deepcopy(lin.state_dict())
     where = f"LinearizerSandwich site {name!r}"
     for step in range(config.steps):
@@ -603,10 +613,8 @@ class LinearizerSandwichHandler(PassHandler):
         sites = select_sites(found, config.targets, config.exclude, config.filter_fn,
                              resolve_module=lambda s: get_submodule(model, s.name), what="module")
         names = {s.name for s in sites}
-        for s in sites:
-            inner = [o for o in names if o != s.name and o.startswith(s.name + ".")]
-            if inner:
-                raise ConfigError(f"targets select both {s.name!r} and modules inside it {inner[:3]}; pick one level")
+        # a module inside another selected module goes with it (suffix targets like "1" also match "1.1")
+        sites = [s for s in sites if not any(s.name.startswith(o + ".") for o in names if o != s.name)]
         built: dict[str, nn.Module] = {}
         results: dict[str, FitResult] = {}
         to_fit = []

@@ -1,0 +1,32 @@
+"""Helpers for the Linearizer tests: small invertible chains with non-trivial parameters."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from surgeon.ops.invertible import ActNorm, AffineCoupling, InvertibleLinear, InvertibleSequential
+
+
+def randomize(g: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:
+    """Give couplings / ActNorms non-trivial parameters (they start at the identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in g.modules():
+            if isinstance(m, AffineCoupling):
+                last = m.net[2]
+                last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * scale)
+                last.bias.copy_(torch.randn(last.bias.shape, generator=gen) * scale)
+            if isinstance(m, ActNorm):
+                m.shift.copy_(torch.randn(m.features, generator=gen))
+                m.log_scale.copy_(torch.randn(m.features, generator=gen) * 0.3)
+    return g
+
+
+def chain(d: int, seed: int = 0, dim: int = -1) -> InvertibleSequential:
+    torch.manual_seed(seed)
+    g = InvertibleSequential(ActNorm(d, dim=dim), InvertibleLinear(d, dim=dim, init="random", seed=seed),
+                             AffineCoupling(d, hidden=16, dim=dim), InvertibleLinear(d, dim=dim, init="random", seed=seed + 1),
+                             AffineCoupling(d, hidden=16, dim=dim, swap=True))
+    return randomize(g, seed)
+
+
