@@ -446,3 +446,38 @@ class ReplaceLinearBlocksHandler(PassHandler):
 
 __all__ = ["ReplaceLinearBlocks", "SkippedBlock", "block_linearity", "plot_linearity", "find_blocks", "spans_of",
            "fit_spans", "affine_r2"]
+
+
+def linearity_report_for(model_name: str, chunks: int = 16, seq_len: int = 128, plot: str | None = None) -> Report:
+    """``surgeon report --linearity MODEL``: per-block linearity of a registry model on offline prose.
+
+    SmolLM2 is calibrated on the train topics of CPython's pydoc text (its own tokenizer); other causal
+    LMs on seeded random token ids (a structural check only; say so in the report).
+    """
+    from surgeon.models.registry import resolve
+
+    spec = resolve(model_name)
+    model = spec.build().eval()
+    if model_name == "smollm2":
+        from surgeon.models.smollm2 import load_smollm2_tokenizer
+        from surgeon.text_calibration import token_chunks
+
+        batches = token_chunks(load_smollm2_tokenizer(), "train", seq_len, chunks, batch_size=8)
+        source = f"{chunks}×{seq_len} tokens of CPython pydoc prose (train topics)"
+    else:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab is None:
+            raise ConfigError(f"--linearity needs a language model with a block list; {model_name!r} has no config.vocab_size")
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, vocab, (min(8, chunks - i), seq_len), generator=g) for i in range(0, chunks, 8)]
+        source = f"{chunks}×{seq_len} seeded random token ids (no tokenizer/text for this model)"
+    report = block_linearity(model, batches)
+    report.summary["model"] = model_name
+    report.summary["calibration"] = source
+    if plot:
+        plot_linearity(report, plot, f"{model_name}: per-block linearity")
+        report.notes.append(f"plot: {plot}")
+    return report
+
+
+__all__ += ["linearity_report_for"]

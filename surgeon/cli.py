@@ -108,6 +108,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if getattr(args, "linearity", None):
+        from surgeon.passes.linear_blocks import linearity_report_for
+
+        report = linearity_report_for(args.linearity, args.chunks, args.seq_len, args.plot)
+        print(report)
+        if args.json:
+            report.save(args.json)
+        return 0
+    if args.directory is None:
+        raise ConfigError("surgeon report needs a saved-surgery directory, or --linearity MODEL")
     directory = Path(args.directory)
     if (directory / REPORT_FILE).is_file():
         print(ReportGroup.from_dict(json.loads((directory / REPORT_FILE).read_text())))
@@ -159,8 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the verification report here (JSON; LM exports also write a .md beside it)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("report", help="print the report of a saved surgery")
-    p.add_argument("directory")
+    p = sub.add_parser("report", help="print the report of a saved surgery (or --linearity MODEL: per-block linearity)")
+    p.add_argument("directory", nargs="?")
+    p.add_argument("--linearity", metavar="MODEL", help="print (and --plot) the R² of each block's best linear map")
+    p.add_argument("--chunks", type=int, default=16, help="--linearity: calibration sequences")
+    p.add_argument("--seq-len", type=int, default=128, help="--linearity: tokens per sequence")
+    p.add_argument("--plot", help="--linearity: write a PNG here")
+    p.add_argument("--json", help="--linearity: write the report as JSON here")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="SmolLM2-135M: linearize attention, report, generate before/after "

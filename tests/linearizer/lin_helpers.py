@@ -30,3 +30,13 @@ def chain(d: int, seed: int = 0, dim: int = -1) -> InvertibleSequential:
     return randomize(g, seed)
 
 
+
+
+def tiny_llama_factory():
+    """A seeded 4-layer Llama (the CLI's ``--linearity lin_helpers:tiny_llama_factory``)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
