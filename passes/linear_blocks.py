@@ -16,7 +16,7 @@ Example:
     >>> from surgeon.passes import ReplaceLinearBlocks
     >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
     ...                                num_attention_heads=4, num_key_value_heads=2)
-    >>> torch.manual_seed(0); lm = transformers.LlamaForCausalLM(cfg).eval()
+    >>> _ = torch.manual_seed(0); lm = transformers.LlamaForCausalLM(cfg).eval()
     >>> data = [torch.randint(0, 64, (4, 16)) for _ in range(4)]
     >>> s = surgeon.apply(lm, ReplaceLinearBlocks(k=1, calibration=data))
     >>> sum(r["replaced"] for r in s.report["ReplaceLinearBlocks"].rows)

@@ -16,9 +16,8 @@ a matrix (pinv, svd, projector, compose) says so for a convolution.
 Example:
     >>> import torch
     >>> from surgeon.ops.invertible import ActNorm, AffineCoupling, InvertibleSequential
-    >>> torch.manual_seed(0); g = InvertibleSequential(ActNorm(4), AffineCoupling(4, hidden=8)).double()
-    >>> with torch.no_grad(): g.blocks[1].net[2].weight.normal_()      # a non-trivial coupling
-    tensor(...)
+    >>> _ = torch.manual_seed(0); g = InvertibleSequential(ActNorm(4), AffineCoupling(4, hidden=8)).double()
+    >>> with torch.no_grad(): _ = g.blocks[1].net[2].weight.normal_()      # a non-trivial coupling
     >>> f = Linearizer(g, g, torch.randn(4, 4, dtype=torch.float64))
     >>> a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     >>> bool(torch.allclose(f(f.X.add(a, b)), f.Y.add(f(a), f(b))))
