@@ -4,8 +4,8 @@ Packing concatenates documents (an EOS token between them when the tokenizer has
 stream into ``seq_len``-token rows; a short tail is dropped. Built-in sources, all offline:
 
 * ``pydoc_texts(split)``: CPython's ``pydoc_data/topics.py`` prose (~465 k characters, 79 topics),
-  split into fixed train / held-out topic sets by a SHA-1 of the topic name. Paragraphs that occur in
-  a held-out topic are removed from the training topics too, so no held-out text is ever trained on.
+  split into fixed train / held-out topic sets by a SHA-1 of the topic name. Lines that occur in a
+  held-out topic are removed from the training topics too, so no held-out text is ever trained on.
 * ``teacher_texts(model, tokenizer, n)``: text sampled from the teacher (seeded), prompted with the
   first sentences of training topics (self-distillation data, as LoLCATs' Alpaca stands in for).
 
@@ -49,20 +49,21 @@ def _paragraphs(text: str) -> list[str]:
 
 
 def pydoc_texts(split: str = "train") -> list[str]:
-    """One text per topic of ``split`` (``train`` or ``held_out``); train texts lose every paragraph that
-    also occurs in a held-out topic."""
+    """One text per topic of ``split`` (``train`` or ``held_out``); train texts lose every line (of 4+
+    characters) that also occurs in a held-out topic (shared boilerplate, table rules, examples)."""
     train, held = topic_split()
     topics = _topics()
     if split in ("held_out", "heldout", "test", "eval"):
         return [topics[n] for n in held]
     if split != "train":
         raise ConfigError(f"pydoc split must be 'train' or 'held_out', got {split!r}")
-    held_paragraphs = {p for n in held for p in _paragraphs(topics[n])}
+    held_lines = {line.strip() for n in held for line in topics[n].splitlines() if len(line.strip()) >= 4}
     out = []
     for n in train:
-        kept = [p for p in _paragraphs(topics[n]) if p not in held_paragraphs]
-        if kept:
-            out.append("\n\n".join(kept))
+        kept = [line for line in topics[n].splitlines() if line.strip() not in held_lines]
+        text = "\n".join(kept).strip()
+        if text:
+            out.append(text)
     return out
 
 
