@@ -12,6 +12,8 @@ from surgeon.errors import ConfigError, PlanError
 from surgeon.passes import ReplaceLinearBlocks, block_linearity
 from surgeon.passes.linear_blocks import SkippedBlock, affine_r2, fit_spans, find_blocks, _Moments
 
+from lin_helpers import _one_thread, tiny_llama, token_batches  # noqa: F401 (fixtures)
+
 
 def _state(m):
     return {k: v.clone() for k, v in m.state_dict().items()}

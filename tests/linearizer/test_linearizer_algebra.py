@@ -9,7 +9,7 @@ from surgeon.errors import ConfigError
 from surgeon.linearizer import Linearizer
 from surgeon.ops.invertible import ActNorm
 
-from lin_helpers import chain
+from lin_helpers import _one_thread, chain  # noqa: F401 (fixtures)
 
 TOL = 1e-5
 

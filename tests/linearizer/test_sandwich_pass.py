@@ -23,6 +23,8 @@ ACTS = {
     "softplus": lambda c: nn.Softplus(beta=1.5, threshold=10.0),
 }
 
+from lin_helpers import _one_thread  # noqa: F401 (fixture)
+
 
 def _state(m):
     return {k: v.clone() for k, v in m.state_dict().items()}
