@@ -23,7 +23,7 @@ ACTS = {
     "softplus": lambda c: nn.Softplus(beta=1.5, threshold=10.0),
 }
 
-from lin_helpers import _one_thread  # noqa: F401 (fixture)
+from lin_helpers import _one_thread, tiny_llama, token_batches  # noqa: F401 (fixtures)
 
 
 def _state(m):
@@ -235,3 +235,23 @@ def test_missing_calibration_and_no_sites_are_clear_errors():
         surgeon.apply(model, LinearizerSandwich(targets=["nope"], calibration=_cal()))
     with pytest.raises(ConfigError, match="feature_dim"):
         LinearizerSandwich(feature_dim=2).validate()
+
+
+def test_transformer_mlp_sandwich_on_tiny_llama(tiny_llama, token_batches, tmp_path):
+    s = surgeon.apply(tiny_llama, LinearizerSandwich(targets=["model.layers.1.mlp", "model.layers.3.mlp"],
+                                                     calibration=token_batches, threshold=0.999, steps=20,
+                                                     resolve_every=10, hidden=16))
+    rows = s.report["LinearizerSandwich"].rows
+    assert [r["kind"] for r in rows] == ["sandwich", "sandwich"] and all(0 < r["r2"] < 0.999 for r in rows)
+    assert all(r["err_after"] <= r["err_before"] for r in rows)
+    out = s.model.generate(token_batches[0][:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+    # a fitted sandwich exports (forward) and its pseudo-inverse too, verified in onnxruntime
+    unit = s.model.get_submodule("model.layers.1.mlp").eval()
+    x = torch.randn(2, 5, 32)
+    surgeon.export.to_onnx(unit, tmp_path / "mlp", (x,))
+    assert surgeon.export.verify(tmp_path / "mlp", unit).passed
+    surgeon.save(s, tmp_path / "saved")
+    again = surgeon.restore(tiny_llama, tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(again(token_batches[1]).logits, s.model(token_batches[1]).logits)
