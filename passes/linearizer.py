@@ -625,7 +625,6 @@ class LinearizerSandwichHandler(PassHandler):
                 kind, params, layer_path = pattern
                 root = module
                 built[s.name] = exact_linearizer(get_submodule(module, layer_path), kind, params, root)
-                s.op = f"exact:{kind}"
                 s.data = {"decision": "exact", "act": kind, "act_params": params, "layer": layer_path}
             else:
                 to_fit.append(s)
@@ -681,7 +680,7 @@ class LinearizerSandwichHandler(PassHandler):
         rows = []
         for s in plan.sites:
             r = results.get(s.name)
-            kind = s.op if s.data.get("decision") == "exact" else s.data.get("decision")
+            kind = f"exact:{s.data['act']}" if s.data.get("decision") == "exact" else s.data.get("decision")
             row = {"site": s.name, "kind": kind}
             if r is not None:
                 row.update({"r2": r.r2, "r2_output": r.r2_output, "err_before": r.err_before,

@@ -255,3 +255,19 @@ def test_transformer_mlp_sandwich_on_tiny_llama(tiny_llama, token_batches, tmp_p
     again = surgeon.restore(tiny_llama, tmp_path / "saved")
     with torch.no_grad():
         assert torch.equal(again(token_batches[1]).logits, s.model(token_batches[1]).logits)
+
+
+@pytest.mark.parametrize("config", [LinearizerSandwich(), LinearizerSandwich(targets=["block"])])
+def test_exact_surgery_replays(config, tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("fc", nn.Linear(4, 4))
+    net.add_module("act", nn.Sigmoid())
+    net.add_module("block", nn.Sequential(nn.Linear(4, 3), nn.LeakyReLU(0.1)))
+    net.eval()
+    x = torch.randn(6, 4)
+    s = surgeon.apply(net, config, example_inputs=(x,))
+    surgeon.save(s, tmp_path)
+    again = surgeon.restore(net, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(x), s.model(x)) and (s.model(x) - net(x)).abs().max() <= 1e-6
