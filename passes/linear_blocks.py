@@ -165,9 +165,10 @@ class _Moments:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.sxx is None:
-            self.sx, self.sy = torch.zeros(self.d, dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
-            self.sxx = torch.zeros(self.d, self.d, dtype=torch.float64)
-            self.sxy = torch.zeros(self.d, y.shape[1], dtype=torch.float64)
+            kw = {"dtype": torch.float64, "device": x.device}
+            self.sx, self.sy = torch.zeros(self.d, **kw), torch.zeros(y.shape[1], **kw)
+            self.sxx = torch.zeros(self.d, self.d, **kw)
+            self.sxy = torch.zeros(self.d, y.shape[1], **kw)
         self.n += x.shape[0]
         self.sx += x.sum(0)
         self.sy += y.sum(0)
@@ -405,7 +406,7 @@ class ReplaceLinearBlocksHandler(PassHandler):
             if not isinstance(layer, nn.Linear):
                 raise PlanError(f"{s.data['fold_into']} is a {type(layer).__name__}, not nn.Linear")
             if s.name in fits:
-                T = fits[s.name].T
+                T = fits[s.name].T.to(layer.weight.device)
                 w = (T.t() @ layer.weight.detach().double()).to(layer.weight.dtype)
                 b = None if layer.bias is None else (T.t() @ layer.bias.detach().double()).to(layer.bias.dtype)
                 new_weights[s.name] = (layer, w, b)
