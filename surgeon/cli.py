@@ -138,7 +138,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0 if result["verify"]["passed"] else 1
     from surgeon.demo_llm import run_llm_demo
 
-    run_llm_demo(args.out, window=args.window, feature_map=args.feature_map)
+    run_llm_demo(args.out, window=args.window, feature_map=args.feature_map,
+                 distill_minutes=0.0 if args.no_distill else args.distill_minutes)
     return 0
 
 
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the verification report here (JSON; LM exports also write a .md beside it)")
     p.set_defaults(func=cmd_verify)
 
+    from surgeon.distill.cli import add_parser as add_distill_parser  # accelerate/peft load only when run
+
+    add_distill_parser(sub)
+
     p = sub.add_parser("report", help="print the report of a saved surgery (or --linearity MODEL: per-block linearity)")
     p.add_argument("directory", nargs="?")
     p.add_argument("--linearity", metavar="MODEL", help="print (and --plot) the R² of each block's best linear map")
@@ -184,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo")
     p.add_argument("--window", type=int, default=64, help="smollm2: softmax window of the hybrid attention")
     p.add_argument("--feature-map", default="hedgehog", choices=["elu1", "relu", "hedgehog", "taylor2"])
+    p.add_argument("--distill-minutes", type=float, default=8.0,
+                   help="smollm2: budget of the quick distillation (attention transfer + LoRA), ppl before/after")
+    p.add_argument("--no-distill", action="store_true", help="smollm2: skip the distillation step (fast demo)")
     p.add_argument("--min-fraction", type=float, default=0.95,
                    help="efficientnet_lite0: linearize channels whose ReLU6 is linear on at least this fraction "
                         "of calibration data")

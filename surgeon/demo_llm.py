@@ -40,7 +40,7 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, 
 
 
 def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map: str = "hedgehog",
-                 max_new_tokens: int = 24, show: bool = True) -> dict[str, Any]:
+                 max_new_tokens: int = 24, show: bool = True, distill_minutes: float = 0.0) -> dict[str, Any]:
     """Run the LLM pipeline, write ``demo.json`` + the saved surgery under ``out_dir``, return a summary."""
     out = Path(out_dir)
     log = (lambda msg: tqdm.write(msg)) if show else (lambda msg: None)
@@ -65,6 +65,15 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
     log(f"linear attention    > {PROMPT}\n                    < {after}")
     steps.update()
 
+    distilled = None
+    if distill_minutes > 0:  # surgeon.distill: attention transfer + LoRA within the budget, ppl before/after
+        from surgeon.distill.demo import quick_distill
+
+        steps.set_postfix_str(f"distill ({distill_minutes:g} min)")
+        distilled = quick_distill(surgery.model, tokenizer, minutes=distill_minutes, out_dir=out / "distill", log=log)
+        distilled["text"], _ = _generate(surgery.model, tokenizer, PROMPT, max_new_tokens)
+        log(f"after distillation  > {PROMPT}\n                    < {distilled['text']}")
+
     steps.set_postfix_str("save")
     surgeon.save(surgery, out / "surgery")
     steps.update()
@@ -79,6 +88,7 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
         "prompt": PROMPT,
         "before": {"text": before, "seconds": round(before_s, 2)},
         "after": {"text": after, "seconds": round(after_s, 2)},
+        "distill": distilled,
         "out_dir": str(out),
     }
     (out / "demo.json").write_text(json.dumps(result, indent=2))
