@@ -18,6 +18,16 @@ from surgeon.passes import LinearizeAttention
 VOCAB = 97
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: tiny matmuls on a shared 2-core box run ~15x faster (no conftest.py here: the CLI
+    tests import the top-level ``conftest`` module by name)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(layers: int = 2, seed: int = 0, vocab: int = VOCAB, **kw) -> transformers.LlamaForCausalLM:
     cfg = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=6,
                num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)
