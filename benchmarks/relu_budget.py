@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import surgeon
+import surgeon.export
 from surgeon.passes import BudgetSearchConfig, FinalizeReLU, LinearizeReLU, search_relu_budget
 from surgeon.private_costs import private_costs
 from surgeon.report import Report, group_accuracy
@@ -157,8 +158,6 @@ def efficientnet_part(out: Path) -> dict:
     after = private_costs(f.model, photos[:2])
     with torch.no_grad():
         logits = f.model(photos)
-    import surgeon.export
-
     latency = {}
     with tempfile.TemporaryDirectory() as tmp:
         exp = to_sparse_onnx(f.model, Path(tmp) / "effnet", photos[:2])
