@@ -165,6 +165,15 @@ def efficientnet_part(out: Path) -> dict:
                                       rtol=1e-4, repeats=10, raise_on_failure=False)
         onnx_count = count_relu_elements(exp.onnx_path)
         latency["sparse_ms_batch1"] = check.rows[0].ort_ms
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(exp.onnx_path), providers=["CPUExecutionProvider"])
+        views = photos[:3].flip(-2)  # batch 3, unseen view
+        got = sess.run(None, {sess.get_inputs()[0].name: views.numpy()})[0]
+        with torch.no_grad():
+            want = exp.model(views).numpy()
+        res["ort_parity_relative"] = float(np.abs(got - want).max() / np.abs(want).max())
+        res["logit_max_abs"] = float(np.abs(want).max())
         for name, m in (("original", net), ("dense_masked", f.model)):
             surgeon.export.to_onnx(m, Path(tmp) / name, photos[:2])
             c = surgeon.export.verify(Path(tmp) / name, m, [(photos[:1],)], atol=1e-4, rtol=1e-4, repeats=10,
