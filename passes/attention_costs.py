@@ -13,7 +13,7 @@ multiply-accumulate is 2 FLOPs; projections q/k/v/o are excluded — they are un
 Example:
     >>> c = AttentionShape(n_heads=9, n_kv_heads=3, head_dim=64, feature_dim=128, window=64, chunk=64)
     >>> softmax_state_bytes(c, 1024, 4) // 1024, linear_state_bytes(c, 4) // 1024
-    (1536, 385)
+    (1536, 387)
 """
 from __future__ import annotations
 
