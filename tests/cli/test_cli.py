@@ -9,7 +9,7 @@ import torch
 import surgeon
 from surgeon.cli import main
 
-MODEL = "conftest:seeded_resnet"
+MODEL = "surgeon_test_models:seeded_resnet"
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def saved(tmp_path, capsys):
 
 
 def test_apply_saves_a_restorable_surgery(saved, capsys):
-    from conftest import seeded_resnet
+    from surgeon_test_models import seeded_resnet
 
     restored = surgeon.restore(seeded_resnet(), saved)
     x = torch.randn(3, 3, 10, 10)
@@ -49,7 +49,7 @@ def test_export_then_verify_passes_and_writes_json(saved, tmp_path, capsys):
 def test_verify_against_the_wrong_model_exits_1(saved, tmp_path, capsys):
     onnx_dir = tmp_path / "onnx"
     assert main(["export", str(saved), "--out", str(onnx_dir)]) == 0
-    assert main(["verify", str(onnx_dir), "--model", "conftest:other_resnet"]) == 1
+    assert main(["verify", str(onnx_dir), "--model", "surgeon_test_models:other_resnet"]) == 1
     assert "FAILED" in capsys.readouterr().err
 
 

@@ -9,7 +9,7 @@ import torch
 import surgeon
 from surgeon.passes import FinalizeReLU, LinearizeReLU, masked_units
 
-from conftest import TinyResNet, randomize_bn
+from surgeon_test_models import TinyResNet, randomize_bn
 
 
 def _trained(resnet, images):

@@ -20,8 +20,7 @@ VOCAB = 97
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One torch thread: tiny matmuls on a shared 2-core box run ~15x faster (no conftest.py here: the CLI
-    tests import the top-level ``conftest`` module by name)."""
+    """One torch thread: tiny matmuls on a shared 2-core box run ~15x faster."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
