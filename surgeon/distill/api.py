@@ -257,7 +257,17 @@ def distill(model: Any, data: Any = "pydoc", config: DistillConfig | None = None
         result.files["json"] = str(out / "distill.json")
     if surgery is not None:
         surgery.model = result.model
+        _drop_kept_sites(surgery, result.kept_softmax)
     return result
+
+
+def _drop_kept_sites(surgery: Any, kept: list[str]) -> None:
+    """Layers given back to softmax leave the recipe, so ``surgeon.save`` / ``restore`` replay the rest."""
+    if not kept:
+        return
+    for entry in surgery.recipe.entries:
+        if entry.pass_name == "LinearizeAttention":
+            entry.sites = [site for site in entry.sites if site.name not in kept]
 
 
 def _deadline(config: DistillConfig, start: float, remaining_blocks: int, now: float) -> float | None:

@@ -178,6 +178,20 @@ def test_keep_softmax_restores_the_worst_layers_exactly():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_keep_softmax_is_recorded_so_save_and_restore_replay_it(tmp_path):
+    base, teacher = tiny(3), tiny(3)
+    surgery = surgeon.apply(base, LinearizeAttention(feature_map="hedgehog", window=4))
+    res = surgeon.distill(surgery, data=tokens(8), config=cfg(stages=["transfer"], transfer_steps=5, keep_softmax=1))
+    sites = [s.name for s in surgery.recipe.entries[0].sites]
+    assert res.kept_softmax[0] not in sites and len(sites) == 2
+    surgeon.save(surgery, tmp_path / "s")
+    restored = surgeon.restore(teacher, tmp_path / "s")
+    assert type(restored.get_submodule(res.kept_softmax[0])).__name__ == "LlamaAttention"
+    ids = torch.randint(0, VOCAB, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(ids).logits, surgery.model(ids).logits, rtol=0, atol=1e-6)
+
+
 def test_original_attention_shares_projections():
     model, _ = linearized(2)
     unit = model.model.layers[0].self_attn
