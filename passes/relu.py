@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from surgeon import graph_patterns
 from surgeon.config import PassConfig
 from surgeon.errors import ConfigError, PlanError
 from surgeon.fx_graph import free_attr_name, get_submodule, node_scope, node_shape, propagate_shapes, set_submodule, trace
@@ -118,12 +119,21 @@ def _replace_inplace_aliases(gm: fx.GraphModule, node: fx.Node, source: fx.Node,
             user.replace_input_with(source, result)
 
 
+def place_unit(gm: fx.GraphModule, path: str, unit: nn.Module) -> None:
+    """Put ``unit`` at ``path`` in ``gm``, creating empty parents where a captured graph has none."""
+    parent = _owner(gm, path.rpartition(".")[0])
+    if parent is not None:
+        set_submodule(gm, path, unit)
+    elif not gm.add_submodule(path, unit):
+        raise PlanError(f"cannot place a unit at {path!r}: a part of that path is not a module in the graph")
+
+
 def rewrite_site(gm: fx.GraphModule, node: fx.Node, site: Site, unit: nn.Module) -> fx.Node:
     """Route one ReLU call site through ``unit`` (placed at ``site.data['unit']``)."""
     source = node.args[0] if node.args else node.kwargs.get("input")
     if not isinstance(source, fx.Node):
         raise PlanError(f"site {site.name!r}: its input is not a graph value ({source!r})")
-    set_submodule(gm, site.data["unit"], unit)
+    place_unit(gm, site.data["unit"], unit)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(site.data["unit"], (source,))
     new.meta = dict(node.meta)
@@ -170,51 +180,67 @@ def _fn_name(node: fx.Node, kind: str) -> str:
 
 
 def relu_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every ReLU-family call site of a traced graph, with unique, stable names.
+    """Every ReLU-family call site of a graph, with unique, stable names.
 
     A module called once is named by its path; a module called k times gives ``path``, ``path@1``,
-    ...; a functional call inside module ``scope`` is ``scope.relu`` (``scope.relu@1``, ...).
+    ...; a functional call inside module ``scope`` is ``scope.relu`` (``scope.relu@1``, ...). The graph
+    may come from ``symbolic_trace``, a ``torch.compile`` backend (dynamo) or ``torch.export``: an
+    inlined ``nn.ReLU`` (``F.relu`` / ``aten.relu`` whose ``nn_module_stack`` ends in the ReLU module)
+    gets the module's FQN, so names match the eager path (see ``surgeon.graph_patterns``).
     """
-    found: list[tuple[fx.Node, str, str]] = []
+    found: list[tuple[fx.Node, str, str, str, str]] = []
     for node in gm.graph.nodes:
         kind = relu_kind(node, gm)
         if kind is None:
             continue
-        scope = node_scope(node)
-        if node.op == "call_module":
-            base = str(node.target)
+        module = graph_patterns.module_call(node, gm, kind)
+        if module is not None:
+            base, call, scope = module, "module", node_scope(node, gm) if node.op == "call_module" \
+                else module.rpartition(".")[0]
         else:
-            base = f"{scope}.{kind}" if scope else kind
-        found.append((node, kind, base))
+            scope = graph_patterns.module_path(node, gm)
+            base, call = (f"{scope}.{kind}" if scope else kind), node.op.removeprefix("call_")
+        found.append((node, kind, base, call, scope))
     seen: Counter[str] = Counter()
     sites = []
-    for node, kind, base in found:
+    for node, kind, base, call, scope in found:
         k = seen[base]
         seen[base] += 1
         name = base if k == 0 else f"{base}@{k}"
         sites.append(
-            Site(name=name, base=base, kind="fx", op=kind, scope=node_scope(node), node=node.name,
+            Site(name=name, base=base, kind="fx", op=kind, scope=scope, node=node.name,
                  shape=node_shape(node),
-                 data={"call": node.op.removeprefix("call_"), "inplace": is_inplace(node, gm)})
+                 data={"call": call, "inplace": is_inplace(node, gm)})
         )
     return sites
 
 
+def _owner(gm: fx.GraphModule, path: str) -> nn.Module | None:
+    try:
+        return get_submodule(gm, path)
+    except AttributeError:
+        return None
+
+
 def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site], modules_called: Counter[str]) -> None:
-    """Where each site's unit will live: the module's own path when it is called once, else a new name."""
+    """Where each site's unit will live: the module's own path when it is called once, else a new name.
+
+    On dynamo / export graphs the module tree is gone (modules were inlined); the unit is put at the
+    same path, with empty parent modules created as needed (``GraphModule.add_submodule``).
+    """
     taken: set[str] = set()
     for site in sites:
         if site.data["call"] == "module" and modules_called[site.base] == 1:
             path = site.base
         else:
             owner_path = site.scope if site.data["call"] != "module" else site.base.rpartition(".")[0]
-            owner = get_submodule(gm, owner_path)
+            owner = _owner(gm, owner_path)
             leaf = site.name.rpartition(".")[2].replace("@", "_")
             if site.data["call"] == "module":  # k-th call of a shared module: relu_0, relu_1, ...
                 leaf = site.base.rpartition(".")[2] + "_" + (site.name.partition("@")[2] or "0")
-            candidate = free_attr_name(owner, leaf)
+            candidate = free_attr_name(owner, leaf) if owner is not None else leaf
             while f"{owner_path}.{candidate}".lstrip(".") in taken:
-                candidate = free_attr_name(owner, candidate + "_")
+                candidate = free_attr_name(owner, candidate + "_") if owner is not None else candidate + "_"
             path = f"{owner_path}.{candidate}" if owner_path else candidate
         taken.add(path)
         site.data["unit"] = path
@@ -237,15 +263,18 @@ class LinearizeReLUHandler(PassHandler):
     """FX path: trace, find ReLU call sites, insert MaskedReLU units."""
 
     def plan(self, model: nn.Module, config: LinearizeReLU, ctx: PassContext) -> Plan:
-        if config.granularity != "layer" and ctx.example_inputs is None:
+        gm = trace(model, config.leaf_modules, config.leaf_fn)
+        captured = graph_patterns.graph_source(gm) != "symbolic_trace"  # shapes are in the node metadata
+        if config.granularity != "layer" and ctx.example_inputs is None and not captured:
             raise ConfigError(
                 f"LinearizeReLU(granularity={config.granularity!r}) needs a fixed input shape to size its "
                 f"masks: pass example_inputs=(tensor, ...) to surgeon.apply, or use granularity='layer'."
             )
-        gm = trace(model, config.leaf_modules, config.leaf_fn)
-        if ctx.example_inputs is not None:
+        if ctx.example_inputs is not None and not captured:
             propagate_shapes(gm, ctx.example_inputs)
         found = relu_sites(gm)
+        if not found and ctx.notes.get("allow_empty"):
+            return Plan([], {"gm": gm})  # a torch.compile backend reports 0 sites for this graph
         if not found:
             raise PlanError(
                 f"LinearizeReLU found no ReLU call site in {type(model).__name__} "
@@ -268,7 +297,9 @@ class LinearizeReLUHandler(PassHandler):
             if config.units == "poly":
                 site.data["coef_shape"] = (list(mask_shape("channel", site.shape, config.channel_dim))
                                            if site.shape is not None and len(site.shape) >= 2 else [])
-        if config.budget is not None:
+        if config.budget is not None and not ctx.notes.get("recipe"):
+            # with a recipe the trained masks already meet the budget (and a captured graph may hold
+            # only part of the model's sites)
             from surgeon.passes.relu_budget import resolve_budget
 
             if ctx.example_inputs is None:
@@ -294,9 +325,17 @@ class LinearizeReLUHandler(PassHandler):
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
-        if ctx.example_inputs is not None:
+        if ctx.example_inputs is not None and graph_patterns.graph_source(gm) == "symbolic_trace":
             propagate_shapes(gm, ctx.example_inputs)
         return gm
+
+    def needs_recipe(self, config: LinearizeReLU) -> str | None:
+        """Why this config's units carry trained values a compile backend must load from a recipe."""
+        if config.budget is not None:
+            return f"budget={config.budget!r} (masks chosen by search_relu_budget)"
+        if config.units == "poly":
+            return "units='poly' (polynomial coefficients fitted on data)"
+        return None
 
     def report(self, model: nn.Module, config: LinearizeReLU, plan: Plan, ctx: PassContext) -> Report:
         rows = []
@@ -366,7 +405,7 @@ class FinalizeReLUHandler(PassHandler):
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
-        if ctx.example_inputs is not None:
+        if ctx.example_inputs is not None and graph_patterns.graph_source(gm) == "symbolic_trace":
             propagate_shapes(gm, ctx.example_inputs)
         return gm
 

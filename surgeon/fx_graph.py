@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from surgeon import graph_patterns
 from surgeon.errors import TraceError
 
 LeafFn = Callable[[nn.Module, str], bool]
@@ -110,21 +111,20 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
 
 
 def node_shape(node: fx.Node) -> list[int] | None:
-    """Output shape recorded by shape propagation, or None."""
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return list(shape) if shape is not None else None
+    """Output shape recorded by shape propagation (or by dynamo / torch.export metadata), or None."""
+    return graph_patterns.node_shape(node)
 
 
-def node_scope(node: fx.Node) -> str:
-    """Qualified name of the module whose forward made this node ('' for the root)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    keys = list(stack.keys())
-    if node.op == "call_module" and len(keys) >= 1:
-        keys = keys[:-1]  # the module itself is the last entry
-    return keys[-1].split("@")[0] if keys else ""
+def node_scope(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
+    """Qualified name of the module whose forward made this node ('' for the root).
+
+    Works on ``symbolic_trace``, dynamo and ``torch.export`` graphs (see ``surgeon.graph_patterns``).
+    """
+    stack = list((node.meta.get("nn_module_stack") or {}).items())
+    if node.op == "call_module" and stack:
+        stack = stack[:-1]  # the module itself is the last entry
+        return graph_patterns._entry_path(*stack[-1], gm) if stack else ""
+    return graph_patterns.module_scope(node, gm)
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:

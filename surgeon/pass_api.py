@@ -107,6 +107,13 @@ class PassHandler:
     def rewrite(self, model: nn.Module, config: PassConfig, plan: Plan, ctx: PassContext) -> nn.Module:
         raise NotImplementedError
 
+    def needs_recipe(self, config: PassConfig) -> str | None:
+        """Why ``config``'s rewrite adds *trained* parameters (a reason string), else None.
+
+        ``surgeon.backend`` refuses such a pass without ``recipe=DIR`` and loads the values from it.
+        """
+        return None
+
     def report(self, model: nn.Module, config: PassConfig, plan: Plan, ctx: PassContext) -> Report:
         rows = [{"site": s.name, "op": s.op, "shape": s.shape} for s in plan.sites]
         return Report(config.pass_name, ["site", "op", "shape"], rows, totals={"op": f"{len(rows)} sites"})

@@ -27,84 +27,31 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from surgeon import graph_patterns
 from surgeon.fx_graph import SurgeonUnit
 
 ActKind = Literal["relu", "relu6"]
 Granularity = Literal["layer", "channel", "pixel"]
 
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
-_RELU6_FUNCTIONS = {F.relu6}
-_RELU_METHODS = {"relu", "relu_"}
-_CLAMP_FUNCTIONS = {torch.clamp, torch.clip, torch.clamp_min}
-_CLAMP_METHODS = {"clamp", "clip", "clamp_", "clip_", "clamp_min", "clamp_min_"}
+def relu_kind(node: fx.Node, gm: fx.GraphModule | None = None) -> ActKind | None:
+    """Which ReLU-family activation this node computes (``None`` if it is not one).
+
+    Recognises ``nn.ReLU``/``nn.ReLU6`` modules, ``F.relu``/``torch.relu``/``relu_`` (functions and
+    methods, in-place too), ``F.relu6``, ``F.hardtanh(x, 0, 6)`` and ``clamp``/``clip`` with bounds 0 (and 6),
+    on ``symbolic_trace``, dynamo and ``torch.export`` (ATen) graphs alike: the table lives in
+    :mod:`surgeon.graph_patterns`.
+    """
+    return graph_patterns.relu_kind(node, gm)
+
+
+def is_inplace(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
+    """True for ``relu_``, ``inplace=True`` calls and ``nn.ReLU(inplace=True)`` modules (any graph source)."""
+    return graph_patterns.is_inplace(node, gm)
 
 
 def activation(kind: ActKind, x: torch.Tensor) -> torch.Tensor:
     """Out-of-place ReLU or ReLU6."""
     return torch.relu(x) if kind == "relu" else F.relu6(x)
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _clamp_kind(node: fx.Node) -> ActKind | None:
-    """clamp(x, 0) / clamp(x, min=0) / clamp(x, 0, 6) spelled as function or method."""
-    args = list(node.args[1:])
-    low = _number(node.kwargs.get("min", args[0] if args else None))
-    high_raw = node.kwargs.get("max", args[1] if len(args) > 1 else None)
-    high = _number(high_raw)
-    if node.target in (torch.clamp_min, "clamp_min", "clamp_min_"):
-        high_raw = None
-    if low != 0.0:
-        return None
-    if high_raw is None:
-        return "relu"
-    return "relu6" if high == 6.0 else None
-
-
-def relu_kind(node: fx.Node, gm: fx.GraphModule) -> ActKind | None:
-    """Which ReLU-family activation this node computes (``None`` if it is not one).
-
-    Recognises ``nn.ReLU``/``nn.ReLU6`` modules, ``F.relu``/``torch.relu``/``relu_`` (functions and
-    methods, in-place too), ``F.relu6``, ``F.hardtanh(x, 0, 6)`` and ``clamp``/``clip`` with bounds 0 (and 6).
-    """
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        if type(module) is nn.ReLU:
-            return "relu"
-        if type(module) is nn.ReLU6:
-            return "relu6"
-        if type(module) is nn.Hardtanh and module.min_val == 0.0 and module.max_val == 6.0:
-            return "relu6"
-        return None
-    if node.op == "call_function":
-        if node.target in _RELU_FUNCTIONS:
-            return "relu"
-        if node.target in _RELU6_FUNCTIONS:
-            return "relu6"
-        if node.target in (F.hardtanh, F.hardtanh_):
-            args = list(node.args[1:])
-            low = _number(node.kwargs.get("min_val", args[0] if args else -1.0))
-            high = _number(node.kwargs.get("max_val", args[1] if len(args) > 1 else 1.0))
-            return "relu6" if (low, high) == (0.0, 6.0) else None
-        if node.target in _CLAMP_FUNCTIONS:
-            return _clamp_kind(node)
-        return None
-    if node.op == "call_method":
-        if node.target in _RELU_METHODS:
-            return "relu"
-        if node.target in _CLAMP_METHODS:
-            return _clamp_kind(node)
-    return None
-
-
-def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """True for ``relu_``, ``inplace=True`` calls and ``nn.ReLU(inplace=True)`` modules."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
-    target_name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return bool(node.kwargs.get("inplace", False)) or str(target_name).endswith("_")
 
 
 def mask_shape(granularity: Granularity, shape: Sequence[int] | None, channel_dim: int) -> tuple[int, ...]:
