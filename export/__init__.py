@@ -11,10 +11,11 @@ from surgeon.export.causal_lm import export_causal_lm
 from surgeon.export.generator import OnnxGenerator
 from surgeon.export.manifest import GraphSpec, Manifest, TensorSpec, load_manifest
 from surgeon.export.onnx_export import ExportResult, flatten_outputs, to_onnx
+from surgeon.export.ort_optimize import OptimizeReport, optimize
 from surgeon.export.verify import VerifyReport, verify
 from surgeon.export.verify_lm import LMVerifyReport, verify_causal_lm
 
 __all__ = [
     "to_onnx", "verify", "export_causal_lm", "OnnxGenerator", "verify_causal_lm", "LMVerifyReport", "ExportResult", "VerifyReport", "load_manifest",
-    "Manifest", "GraphSpec", "TensorSpec", "flatten_outputs",
+    "Manifest", "GraphSpec", "TensorSpec", "flatten_outputs", "optimize", "OptimizeReport",
 ]

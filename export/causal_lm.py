@@ -123,12 +123,18 @@ def _export_graph(module: nn.Module, args: tuple, in_names: list[str], out_names
 
 def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, chunks: int = 3,
                      chunk: int = CHUNK, opset: int | None = None, overwrite: bool = False,
-                     recipe: dict | None = None) -> ExportResult:
+                     recipe: dict | None = None, ort_optimize: Any = False,
+                     save_optimized: bool | str = False) -> ExportResult:
     """Write ``prefill.onnx``, ``decode.onnx`` and ``manifest.json`` for a linearized causal LM.
 
     The example used for export is ``batch`` × ``chunks·chunk`` tokens (never reused by verify).
+    ``ort_optimize`` / ``save_optimized``: as in :func:`surgeon.export.to_onnx` (onnxruntime levels
+    checked against the model and recorded before the files are moved into place).
     """
+    from surgeon.export.onnx_export import ort_optimize_kwargs
+
     t0 = time.perf_counter()
+    ort_kwargs = ort_optimize_kwargs(ort_optimize, save_optimized)
     out_dir = Path(out_dir)
     layout = StateLayout.of(model)
     config = _config_fingerprint(model)
@@ -144,6 +150,13 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
             "chunk": chunk, "state": state, "state_bytes_per_sequence": layout.state_bytes(1),
             "model_config": config, "export_seconds": round(time.perf_counter() - t0, 3)})
         manifest.save(dest.staging / MANIFEST_NAME)
+        ort_report = None
+        if ort_kwargs is not None:
+            from surgeon.export.ort_optimize import optimize
+
+            with model_eval_mode(model):
+                ort_report = optimize(dest.staging, model, **ort_kwargs)
+            manifest = load_manifest(dest.staging)
         files = sorted(p.name for p in dest.staging.iterdir())
         _commit(dest, files)
     except BaseException:
@@ -151,7 +164,7 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
         raise
     manifest.root = out_dir.resolve()
     return ExportResult(onnx_path=out_dir / "prefill.onnx", manifest_path=out_dir / MANIFEST_NAME,
-                        manifest=manifest, seconds=time.perf_counter() - t0)
+                        manifest=manifest, seconds=time.perf_counter() - t0, ort=ort_report)
 
 
 def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: int, chunks: int, chunk: int,

@@ -28,18 +28,22 @@ _NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "
 
 
 class OnnxGenerator:
-    """Greedy / sampling generation with ``prefill.onnx`` + ``decode.onnx`` in onnxruntime."""
+    """Greedy / sampling generation with ``prefill.onnx`` + ``decode.onnx`` in onnxruntime.
+
+    Each session uses the graph optimization level the manifest records for its graph
+    (:func:`surgeon.export.optimize`; onnxruntime's default when none), or ``level`` when given.
+    """
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None) -> None:
-        import onnxruntime as ort
+                 threads: int | None = None, level: str | None = None) -> None:
+        from surgeon.export.ort_optimize import make_session, parse_level
 
         self.manifest = load_causal_lm_manifest(path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.prefill = ort.InferenceSession(str(self.manifest.graph_path("prefill")), options, providers=list(providers))
-        self.decode = ort.InferenceSession(str(self.manifest.graph_path("decode")), options, providers=list(providers))
+        forced = parse_level(level) if level is not None else None
+        #: graph -> onnxruntime graph optimization level its session uses (None: onnxruntime's default)
+        self.levels = {g: forced or self.manifest.graph(g).ort_level for g in ("prefill", "decode")}
+        self.prefill = make_session(self.manifest.graph_path("prefill"), self.levels["prefill"], threads, providers)
+        self.decode = make_session(self.manifest.graph_path("decode"), self.levels["decode"], threads, providers)
         self.chunk = int(self.manifest.exporter["chunk"])
         self.state_specs = self.manifest.exporter["state"]
         self.state_names = [s["name"].replace("state.", "state_in.") for s in self.state_specs]

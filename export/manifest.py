@@ -38,6 +38,10 @@ DTYPES = frozenset({
 
 DimSpec = int | str | None  # fixed size, symbolic name, or unknown
 
+#: onnxruntime graph optimization levels a manifest may record, lowest first
+#: (surgeon.export.ort_optimize maps them to ``onnxruntime.GraphOptimizationLevel``).
+ORT_LEVELS = ("disabled", "basic", "extended", "layout", "all")
+
 
 @dataclass
 class TensorSpec:
@@ -84,6 +88,8 @@ class GraphSpec:
     data_files: list[str] = field(default_factory=list)
     opset: int | None = None
     notes: list[str] = field(default_factory=list)
+    #: onnxruntime graph optimization level sessions should use (None: onnxruntime's default)
+    ort_level: str | None = None
 
     @property
     def example_shapes(self) -> dict[str, list[int] | None]:
@@ -91,17 +97,20 @@ class GraphSpec:
         return {t.name: t.example_shape for t in self.inputs}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "data_files": list(self.data_files), "opset": self.opset,
-                "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs],
-                "example_shapes": self.example_shapes, "notes": list(self.notes)}
+        d = {"file": self.file, "data_files": list(self.data_files), "opset": self.opset,
+             "inputs": [t.to_dict() for t in self.inputs],
+             "outputs": [t.to_dict() for t in self.outputs],
+             "example_shapes": self.example_shapes, "notes": list(self.notes)}
+        if self.ort_level is not None:
+            d["ort_level"] = self.ort_level
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GraphSpec:
         return cls(file=d["file"], data_files=list(d.get("data_files", [])), opset=d.get("opset"),
                    inputs=[TensorSpec.from_dict(t) for t in d["inputs"]],
                    outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
-                   notes=list(d.get("notes", [])))
+                   notes=list(d.get("notes", [])), ort_level=d.get("ort_level"))
 
 
 @dataclass
@@ -113,6 +122,9 @@ class Manifest:
     exporter: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
+    #: onnxruntime checks recorded by surgeon.export.optimize (per-level parity and latency,
+    #: saved optimized models); empty when never run
+    onnxruntime: dict[str, Any] = field(default_factory=dict)
     #: folder the graph files live in (set by :func:`load_manifest`; not serialized)
     root: Path | None = field(default=None, compare=False, repr=False)
 
@@ -130,10 +142,13 @@ class Manifest:
         return root / self.graph(name).file
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": self.format_version,
-                "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
-                "versions": dict(self.versions), "exporter": dict(self.exporter),
-                "recipe": self.recipe}
+        d = {"format": FORMAT, "format_version": self.format_version,
+             "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
+             "versions": dict(self.versions), "exporter": dict(self.exporter),
+             "recipe": self.recipe}
+        if self.onnxruntime:
+            d["onnxruntime"] = dict(self.onnxruntime)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -141,14 +156,17 @@ class Manifest:
         validate_manifest_dict(d)
         return cls(graphs={k: GraphSpec.from_dict(g) for k, g in d["graphs"].items()},
                    versions=dict(d.get("versions", {})), exporter=dict(d.get("exporter", {})),
-                   recipe=d.get("recipe"), format_version=int(d["format_version"]))
+                   recipe=d.get("recipe"), format_version=int(d["format_version"]),
+                   onnxruntime=dict(d.get("onnxruntime") or {}))
 
     def save(self, path: str | Path) -> Path:
-        """Validate and write the manifest as JSON; returns the path."""
+        """Validate and write the manifest as JSON (atomically: a temp file, then a rename)."""
         data = self.to_dict()
         validate_manifest_dict(data)
         path = Path(path)
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
         return path
 
 
@@ -234,6 +252,11 @@ def validate_manifest_dict(d: Any) -> None:
         opset = g.get("opset")
         if opset is not None and not isinstance(opset, int):
             raise _bad(where, f"'opset' must be an int, got {opset!r}")
+        level = g.get("ort_level")
+        if level is not None and level not in ORT_LEVELS:
+            raise _bad(where, f"'ort_level' must be one of {list(ORT_LEVELS)}, got {level!r}")
+    if not isinstance(d.get("onnxruntime", {}), dict):
+        raise _bad("onnxruntime", f"must be an object, got {type(d['onnxruntime']).__name__}")
     recipe = d.get("recipe")
     if recipe is not None and not isinstance(recipe, dict):
         raise _bad("recipe", f"must be an object or null, got {type(recipe).__name__}")

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,12 +131,13 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class ExportResult:
-    """What :func:`to_onnx` wrote."""
+    """What :func:`to_onnx` wrote (``ort``: the optimization-level check, when asked for)."""
 
     onnx_path: Path
     manifest_path: Path
     manifest: Manifest
     seconds: float
+    ort: Any = None
 
     def __str__(self) -> str:
         lines = [f"exported {self.onnx_path.parent if len(self.manifest.graphs) > 1 else self.onnx_path} "
@@ -144,7 +145,10 @@ class ExportResult:
         for name, g in self.manifest.graphs.items():
             ins = ", ".join(f"{t.name}{t.shape}" for t in g.inputs)
             outs = ", ".join(f"{t.name}{t.shape}" for t in g.outputs)
-            lines.append(f"  {g.file} (opset {g.opset}): inputs {ins}; outputs {outs}")
+            level = f", onnxruntime level {g.ort_level}" if g.ort_level else ""
+            lines.append(f"  {g.file} (opset {g.opset}{level}): inputs {ins}; outputs {outs}")
+        if self.ort is not None:
+            lines.append(str(self.ort))
         return "\n".join(lines)
 
 
@@ -412,6 +416,8 @@ def to_onnx(
     opset: int | None = None,
     recipe: dict | None = None,
     overwrite: bool = False,
+    ort_optimize: bool | str | Sequence[str] | Mapping[str, Any] = False,
+    save_optimized: bool | str = False,
 ) -> ExportResult:
     """Export ``model`` to ONNX (dynamo exporter) and write a manifest next to the graph.
 
@@ -421,6 +427,13 @@ def to_onnx(
     dynamic ``"batch"``; ``{}`` exports fixed shapes. A dynamic dim with example size 1 is tiled to
     2 first. Dims declared dynamic must come out symbolic in the graph, else :class:`ExportError`.
     The model is exported in eval mode; its training flags are restored afterwards.
+
+    ``ort_optimize`` (``True``, a level, a list of levels, or a dict of
+    :func:`surgeon.export.optimize` keyword arguments) checks the graphs under onnxruntime's
+    optimization levels against ``model`` before anything is written, and records the fastest level
+    that keeps parity in the manifest; ``save_optimized`` (``True`` = ``"extended"``, or a level) also
+    writes the onnxruntime-optimized graph. A linearized causal LM exports as prefill + decode graphs
+    (:func:`surgeon.export.export_causal_lm`) and needs no ``example_inputs``.
 
     Example:
         >>> import torch, surgeon.export
@@ -434,10 +447,12 @@ def to_onnx(
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ExportError(f"to_onnx needs an nn.Module, got {type(model).__name__}")
+    ort_kwargs = ort_optimize_kwargs(ort_optimize, save_optimized)   # bad levels fail before export
     if _is_linearized_causal_lm(model):
         from surgeon.export.causal_lm import export_causal_lm
 
-        return export_causal_lm(model, path, opset=opset, overwrite=overwrite, recipe=recipe)
+        return export_causal_lm(model, path, opset=opset, overwrite=overwrite, recipe=recipe,
+                                ort_optimize=ort_kwargs if ort_kwargs is not None else False)
     if example_inputs is None:
         raise ExportError(f"to_onnx({type(model).__name__}) needs example_inputs (a tensor or a tuple of tensors); "
                           "only linearized causal LMs (prefill + decode graphs) export without them")
@@ -457,7 +472,7 @@ def to_onnx(
     try:
         with model_eval_mode(model):
             return _export(model, dest, inputs, dynamic_axes, input_names, output_names, opset,
-                           recipe, t0)
+                           recipe, t0, ort_kwargs)
     except BaseException:
         _rollback(dest)
         raise
@@ -476,6 +491,7 @@ def _export(
     model: nn.Module, dest: _Destination, inputs: tuple[Tensor, ...],
     dynamic_axes: Mapping[str, Any] | None, input_names: list[str],
     output_names: list[str] | None, opset: int | None, recipe: dict | None, t0: float,
+    ort_kwargs: dict[str, Any] | None = None,
 ) -> ExportResult:
     import onnx
 
@@ -580,8 +596,45 @@ def _export(
                   "export_seconds": round(seconds, 3)},
         recipe=recipe)
     manifest.save(dest.staging / dest.manifest_name)
-    _commit(dest, files + [dest.manifest_name])
+    ort_report = None
+    if ort_kwargs is not None:   # checked and recorded in the staging folder: all or nothing
+        from surgeon.export.manifest import load_manifest
+        from surgeon.export.ort_optimize import optimize
+
+        ort_report = optimize(dest.staging / dest.manifest_name, model, **ort_kwargs)
+        manifest = load_manifest(dest.staging / dest.manifest_name)
+    _commit(dest, sorted(p.name for p in dest.staging.iterdir()))
     manifest.root = dest.final_dir.resolve()
     return ExportResult(onnx_path=dest.final_dir / dest.onnx_name,
                         manifest_path=dest.final_dir / dest.manifest_name,
-                        manifest=manifest, seconds=time.perf_counter() - t0)
+                        manifest=manifest, seconds=time.perf_counter() - t0, ort=ort_report)
+
+
+def ort_optimize_kwargs(ort_optimize: Any, save_optimized: bool | str = False) -> dict[str, Any] | None:
+    """``to_onnx``'s ``ort_optimize`` / ``save_optimized`` as :func:`surgeon.export.optimize` kwargs.
+
+    Example:
+        >>> ort_optimize_kwargs(["all"], save_optimized=True)
+        {'levels': ['all'], 'save': True}
+        >>> ort_optimize_kwargs(False) is None
+        True
+    """
+    from surgeon.export.ort_optimize import _levels, parse_level
+
+    if ort_optimize is False or ort_optimize is None:
+        if save_optimized is False:
+            return None
+        ort_optimize = True            # saving needs the check: every level
+    if isinstance(ort_optimize, Mapping):
+        kwargs = dict(ort_optimize)
+    elif ort_optimize is True:
+        kwargs = {}
+    else:
+        kwargs = {"levels": ort_optimize}
+    if "levels" in kwargs:
+        _levels(kwargs["levels"])      # raises ConfigError naming the valid levels
+    if save_optimized is not False:
+        kwargs["save"] = save_optimized
+    if kwargs.get("save", False) not in (False, True):
+        parse_level(kwargs["save"])
+    return kwargs

@@ -107,6 +107,7 @@ class VerifyReport:
     rows: list[ShapeCheck]
     passed: bool
     notes: list[str] = field(default_factory=list)
+    ort_level: str | None = None     # onnxruntime graph optimization level used (None: its default)
 
     @property
     def max_abs(self) -> float:
@@ -173,6 +174,7 @@ class VerifyReport:
                 base = {"case": "", "inputs": "", "ort_ms": None, "torch_ms": None}
         n_dyn = len(self.dim_checks)
         summary = {"graph": Path(self.onnx_path).name, "providers": ", ".join(self.providers),
+                   "onnxruntime optimization level": self.ort_level or "all (onnxruntime default)",
                    "atol / rtol": f"{self.atol:g} / {self.rtol:g}",
                    "dynamic dims symbolic": f"{sum(c.passed for c in self.dim_checks)}/{n_dyn}",
                    "max abs error": self.max_abs, "passed": self.passed}
@@ -380,6 +382,7 @@ def verify(
     n_shapes: int = 3,
     repeats: int = 3,
     seed: int = 0,
+    ort_level: str | None = None,
 ) -> VerifyReport:
     """Check an export against ``model`` in onnxruntime, at shapes other than the export shape.
 
@@ -390,7 +393,8 @@ def verify(
     sets that vary every dynamic dim (batch 1, 3, 5; other dims at 1/2, 2x and 1.5x the example).
     An output passes when ``allclose(ort, torch, atol, rtol)``. ``repeats`` timed runs after a
     warm-up give the median latency of each. On failure raises :class:`VerificationError` (with
-    ``.report``) unless ``raise_on_failure=False``.
+    ``.report``) unless ``raise_on_failure=False``. Sessions use the onnxruntime graph optimization
+    level the manifest records (:func:`surgeon.export.optimize`), or ``ort_level`` when given.
 
     Example:
         >>> import torch, surgeon.export
@@ -408,7 +412,7 @@ def verify(
         from surgeon.export.verify_lm import verify_causal_lm
 
         return verify_causal_lm(path, model, atol=max(atol, 1e-4), rtol=max(rtol, 1e-3),
-                                raise_on_failure=raise_on_failure, seed=seed)
+                                raise_on_failure=raise_on_failure, seed=seed, ort_level=ort_level)
     gname = graph if graph is not None else (
         next(iter(manifest.graphs)) if len(manifest.graphs) == 1 else "model")
     g = manifest.graph(gname)
@@ -434,11 +438,15 @@ def verify(
                 raise ExportError(f"each inputs entry needs {len(names)} tensors ({names}), got "
                                   f"{len(c)}")
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # No busy-waiting ORT threads between runs: on few cores they would steal time from the
-    # torch timings that follow (and from the caller) and make the latencies unfair.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from surgeon.export.ort_optimize import parse_level, session_options
+
+    level = parse_level(ort_level) if ort_level is not None else g.ort_level
+    # No busy-waiting ORT threads between runs (session_options turns spinning off): on few cores
+    # they would steal time from the torch timings that follow and make the latencies unfair.
+    opts = session_options(level)
+    if level is not None:
+        notes.append(f"onnxruntime graph optimization level {level!r} "
+                     f"({'given' if ort_level is not None else 'recorded in the manifest'})")
     try:
         sess = ort.InferenceSession(str(onnx_path), opts, providers=list(providers))
     except Exception as e:
@@ -455,7 +463,8 @@ def verify(
     passed = all(c.passed for c in dim_checks) and all(r.passed for r in rows)
     report = VerifyReport(onnx_path=str(onnx_path), graph=gname,
                           providers=list(sess.get_providers()), atol=atol, rtol=rtol,
-                          dim_checks=dim_checks, rows=rows, passed=passed, notes=notes)
+                          dim_checks=dim_checks, rows=rows, passed=passed, notes=notes,
+                          ort_level=level)
     if not passed and raise_on_failure:
         raise VerificationError(report.error_message(), report)
     return report

@@ -65,6 +65,7 @@ class LMVerifyReport:
     rtol: float = 1e-3
     passed: bool = False
     first_failure: str | None = None
+    ort_levels: dict[str, str | None] = field(default_factory=dict)   # graph -> level used
 
     @property
     def max_abs(self) -> float:
@@ -83,7 +84,8 @@ class LMVerifyReport:
                   f"- greedy agreement with PyTorch: {self.greedy_agreement:.1%} of {self.greedy_tokens} tokens",
                   f"- prefill latency (ms): {self.prefill_ms}", f"- decode step: {self.decode_ms_per_token:.2f} ms",
                   f"- decode state: {self.state_bytes_per_sequence:,} bytes per sequence (constant in context)",
-                  f"- peak RSS: {self.peak_rss_mib:.0f} MiB"]
+                  f"- peak RSS: {self.peak_rss_mib:.0f} MiB",
+                  f"- onnxruntime graph optimization levels: {self.ort_levels}"]
         if self.first_failure:
             lines.append(f"- first failure: {self.first_failure}")
         return "\n".join(lines) + "\n"
@@ -118,14 +120,18 @@ def _compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, atol: float
 
 def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[int, int]] | None = None,
                      atol: float = 1e-4, rtol: float = 1e-3, n_generate: int = 64, seed: int = 0,
-                     raise_on_failure: bool = True) -> LMVerifyReport:
-    """Check a prefill/decode export against ``model``; raises :class:`VerificationError` on failure."""
-    gen = OnnxGenerator(path)
+                     raise_on_failure: bool = True, ort_level: str | None = None) -> LMVerifyReport:
+    """Check a prefill/decode export against ``model``; raises :class:`VerificationError` on failure.
+
+    Sessions use the manifest's onnxruntime optimization levels, or ``ort_level`` when given.
+    """
+    gen = OnnxGenerator(path, level=ort_level)
     model.eval()
     prefill_torch = PrefillLM(model)
     vocab = model.config.vocab_size
     rng = torch.Generator().manual_seed(seed)
-    report = LMVerifyReport(atol=atol, rtol=rtol, state_bytes_per_sequence=gen.state_bytes())
+    report = LMVerifyReport(atol=atol, rtol=rtol, state_bytes_per_sequence=gen.state_bytes(),
+                            ort_levels=dict(gen.levels))
     names = ["logits"] + [s["name"] for s in gen.state_specs]
     for batch, length in shapes or [(1, 37), (3, 100), (2, 200)]:
         ids = torch.randint(0, vocab, (batch, length), generator=rng)

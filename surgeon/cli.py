@@ -85,8 +85,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.example_shape is not None:
         example = (torch.randn(args.example_shape),)
     # linearized causal LMs export prefill + decode graphs and need no example input
+    ort_optimize = False if args.ort_optimize is None else {
+        "levels": args.ort_optimize or None, "threads": args.ort_threads}
     result = surgeon.export.to_onnx(model, args.out, example, recipe=load_recipe(args.surgery).to_dict(),
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, ort_optimize=ort_optimize,
+                                    save_optimized=args.save_optimized or False)
     print(result)
     return 0
 
@@ -97,10 +100,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         model, _ = load_surgery(target)
     else:
         model = resolve(args.model).build().eval()
-    report = surgeon.export.verify(args.onnx, model, atol=args.atol, rtol=args.rtol, raise_on_failure=False)
+    report = surgeon.export.verify(args.onnx, model, atol=args.atol, rtol=args.rtol, raise_on_failure=False,
+                                   ort_level=args.ort_level)
     print(report)
     if args.json:
         report.save(args.json)
+    recorded = surgeon.export.load_manifest(args.onnx).onnxruntime.get("optimization")
+    if args.ort_levels or args.record_level:
+        levels = surgeon.export.optimize(args.onnx, model, record=args.record_level, threads=args.ort_threads)
+        print(f"\n{levels}")
+    elif recorded:
+        from surgeon.export.ort_optimize import OptimizeReport
+
+        print(f"\n{OptimizeReport.from_dict(recorded)} (recorded at export; --ort-levels measures again)")
     if not report.passed:
         print("\nverification FAILED", file=sys.stderr)
         return 1
@@ -160,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="ONNX output directory")
     p.add_argument("--example-shape", type=_parse_shape)
     p.add_argument("--overwrite", action="store_true", help="replace an export of a different model in --out")
+    p.add_argument("--ort-optimize", nargs="*", metavar="LEVEL",
+                   help="check onnxruntime graph optimization levels (default: all of disabled basic extended "
+                        "layout all) for parity and speed; record the fastest that keeps parity in the manifest")
+    p.add_argument("--save-optimized", nargs="?", const=True, metavar="LEVEL",
+                   help="also save the onnxruntime-optimized graphs (<graph>.ort-LEVEL.onnx; default level "
+                        "extended: 'layout'/'all' may hold hardware-specific fused ops)")
+    p.add_argument("--ort-threads", type=int, help="onnxruntime threads for the level timings")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="check an ONNX export against PyTorch in onnxruntime")
@@ -168,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--json", help="write the verification report here (JSON; LM exports also write a .md beside it)")
+    p.add_argument("--ort-level", help="onnxruntime graph optimization level for the check (default: the manifest's)")
+    p.add_argument("--ort-levels", action="store_true",
+                   help="also check every onnxruntime graph optimization level (parity vs PyTorch, latency)")
+    p.add_argument("--record-level", action="store_true",
+                   help="with --ort-levels: record the fastest level that keeps parity in the manifest")
+    p.add_argument("--ort-threads", type=int, help="onnxruntime threads for the level timings")
     p.set_defaults(func=cmd_verify)
 
     from surgeon.distill.cli import add_parser as add_distill_parser  # accelerate/peft load only when run
