@@ -47,17 +47,18 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from surgeon import graph_patterns
 from surgeon.errors import ConfigError, PlanError
 from surgeon.fx_graph import (
     SurgeonTracer,
     finish_graph,
     free_attr_name,
-    node_scope,
     node_shape,
     propagate_shapes,
     trace,
 )
 from surgeon.pass_api import PassContext, match_recorded
+from surgeon.passes import attention_graph as ag
 from surgeon.passes.attention_config import LinearizeAttention
 from surgeon.report import Report
 from surgeon.selectors import select_sites
@@ -66,26 +67,16 @@ from surgeon.sites import Plan, Site
 # ----------------------------------------------------------------------------------------------
 # what the matcher recognises
 
-_SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax}
-_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
-_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
-_EINSUM_FUNCTIONS = {torch.einsum}
-_DROPOUT_FUNCTIONS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
-_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type_as", "type", "contiguous"}
-_MUL = {operator.mul, torch.mul, torch.Tensor.mul, "mul"}
-_DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, "div", "true_divide"}
-_ADD = {operator.add, torch.add, torch.Tensor.add, "add"}
-_MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill, "masked_fill"}
-_TRANSPOSE = {torch.transpose, torch.Tensor.transpose, "transpose", torch.swapaxes, "swapaxes",
-              torch.swapdims, "swapdims"}
-_PERMUTE = {torch.permute, torch.Tensor.permute, "permute"}
+# one table per piece, with torch-level, method and ATen spellings (passes.attention_graph)
+_MATMUL = {operator.matmul, torch.matmul, torch.Tensor.matmul, "matmul", "__matmul__"} | ag.BMM | ag._packets("matmul")
+_CAST_METHODS = ag.CASTS
+_MUL, _DIV, _ADD, _MASKED_FILL = ag.MUL, ag.DIV, ag.ADD, ag.MASKED_FILL
+_TRANSPOSE, _PERMUTE = ag.TRANSPOSE, ag.PERMUTE
 NEG_THRESHOLD = -1e4  # an additive mask value at or below this hides the key (-inf, finfo.min, -1e9, -1e4)
 
 
 def _is(node: Any, targets: set) -> bool:
-    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in targets
+    return ag.is_call(node, targets)
 
 
 def _number(value: Any) -> float | None:
@@ -128,6 +119,7 @@ class AttentionMatch:
     masks: list[tuple[fx.Node, str]] = field(default_factory=list)
     is_causal: bool = False
     dropout: bool = False
+    repeat_kv: int = 1  # k/v were (B, H_kv, T, D) repeated this many times per head (GQA); q, k, v are the originals
     spelling: str = ""
     nodes: list[fx.Node] = field(default_factory=list)
     dead: list[fx.Node] = field(default_factory=list)
@@ -217,14 +209,11 @@ def _output_einsum(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def _is_matmul(node: Any) -> bool:
-    return isinstance(node, fx.Node) and (
-        (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS)
-        or (node.op == "call_method" and node.target in _MATMUL_METHODS)
-    )
+    return ag.is_call(node, _MATMUL)
 
 
 def _is_einsum(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _EINSUM_FUNCTIONS
+    return ag.is_call(node, ag.EINSUM)
 
 
 def _normal_dims(dims: Sequence[int], ndim: int | None) -> list[int] | None:
@@ -278,13 +267,30 @@ class _Scores:
     core: fx.Node
     spelling: str
     k_user: fx.Node | None = None  # the node that reads k (kᵀ, or the core)
+    q_user: fx.Node | None = None  # the node that reads q (None: any single reader)
     factors: list[tuple[Any, int]] = field(default_factory=list)
     masks: list[tuple[fx.Node, str]] = field(default_factory=list)
     chain: list[fx.Node] = field(default_factory=list)
 
 
-def _single_user(node: fx.Node) -> bool:
-    return len(node.users) == 1
+def _single_user(node: fx.Node, ignore: frozenset | set = frozenset()) -> bool:
+    return len([u for u in ag.real_users(node) if u not in ignore]) == 1
+
+
+def _flattened_core(node: fx.Node) -> _Scores | None:
+    """``view(bmm(view(q), view(kᵀ)), (B, H, Tq, Tk))``: a 4-D ``matmul`` decomposed by torch.export."""
+    mm = node.args[0] if _is(node, ag.RESHAPE) and node.args else None
+    if not (_is_matmul(mm) and _single_user(mm) and _ndim(node) == 4 and len(mm.args) >= 2):
+        return None
+    q4, kt4 = ag.unflatten_batch(mm.args[0]), ag.unflatten_batch(mm.args[1])
+    if q4 is None or kt4 is None:
+        return None
+    kt, factors, _ = _peel_prescale(kt4, None)
+    found = _untranspose(kt, 4)
+    if found is None or not isinstance(found[0], fx.Node):
+        return None
+    k, perm, how = found
+    return _Scores(q4, k, perm, node, f"bmm/{how}", k_user=kt, factors=factors, chain=[mm])
 
 
 def _scores_core(node: fx.Node, ndim: int | None) -> _Scores | None:
@@ -301,12 +307,15 @@ def _scores_core(node: fx.Node, ndim: int | None) -> _Scores | None:
             if nd is None:
                 return None
             perm = tuple(list(range(nd - 2)) + [nd - 1, nd - 2])
-        return _Scores(q, k, perm, node, "einsum", k_user=node)
+        return _Scores(q, k, perm, node, "einsum", k_user=node, q_user=node)
+    flattened = _flattened_core(node)
+    if flattened is not None:
+        return flattened
     if _is_matmul(node) and len(node.args) >= 2:
         q, kt = node.args[0], node.args[1]
         if not isinstance(q, fx.Node):
             return None
-        nd = ndim or _ndim(kt) or (3 if node.target in (torch.bmm, "bmm", torch.Tensor.bmm) else None)
+        nd = ndim or _ndim(kt) or (3 if _is(node, ag.BMM) else None)
         found = _untranspose(kt, nd)
         if found is None:
             return None
@@ -314,14 +323,18 @@ def _scores_core(node: fx.Node, ndim: int | None) -> _Scores | None:
         if not isinstance(k, fx.Node):
             return None
         chain = [kt] if _single_user(kt) else []
-        name = "bmm" if node.target in (torch.bmm, "bmm", torch.Tensor.bmm) else "matmul"
-        return _Scores(q, k, perm, node, f"{name}/{how}", k_user=kt, chain=chain)
+        name = "bmm" if _is(node, ag.BMM) else "matmul"
+        return _Scores(q, k, perm, node, f"{name}/{how}", k_user=kt, q_user=node, chain=chain)
     return None
 
 
-def _parse_scores(node: Any, ndim: int | None, depth: int = 0) -> _Scores | None:
-    """Walk back from the softmax input: scale factors, masks and casts down to q @ kᵀ."""
-    if not isinstance(node, fx.Node) or depth > 16 or not _single_user(node):
+def _parse_scores(node: Any, ndim: int | None, depth: int = 0, ignore: frozenset | set = frozenset()
+                  ) -> _Scores | None:
+    """Walk back from the softmax input: scale factors, masks and casts down to q @ kᵀ.
+
+    ``ignore``: readers of the softmax input besides the softmax (a decomposed safe softmax's guard).
+    """
+    if not isinstance(node, fx.Node) or depth > 16 or not _single_user(node, ignore if depth == 0 else frozenset()):
         return None
     core = _scores_core(node, ndim)
     if core is not None:
@@ -339,7 +352,7 @@ def _parse_scores(node: Any, ndim: int | None, depth: int = 0) -> _Scores | None
             found.masks.append(mask)
         return found
 
-    if node.op == "call_method" and node.target in _CAST_METHODS:
+    if _is(node, _CAST_METHODS):
         return below(node.args[0])
     if _is(node, _MUL) and len(node.args) == 2:
         a, b = node.args
@@ -384,11 +397,12 @@ def _scalar_like(value: Any) -> bool:
     return math.prod(shape) == 1
 
 
-def _peel_prescale(node: fx.Node, user: fx.Node) -> tuple[fx.Node, list[tuple[Any, int]], list[fx.Node]]:
-    """``q * s`` / ``q / s`` feeding only the scores: (q, factors, removed nodes)."""
+def _peel_prescale(node: fx.Node, user: fx.Node | None) -> tuple[fx.Node, list[tuple[Any, int]], list[fx.Node]]:
+    """``q * s`` / ``q / s`` feeding only the scores (through ``user``; None: any single reader):
+    (q, factors, removed nodes)."""
     factors: list[tuple[Any, int]] = []
     removed: list[fx.Node] = []
-    while len(node.users) == 1 and user in node.users:
+    while _single_user(node) and (user is None or user in node.users):
         if _is(node, _MUL) and len(node.args) == 2:
             a, b = node.args
             if isinstance(a, fx.Node) and _number(b) is not None:
@@ -415,11 +429,9 @@ def _peel_prescale(node: fx.Node, user: fx.Node) -> tuple[fx.Node, list[tuple[An
 
 
 def _softmax_input(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, Any, str] | None:
-    """(input, dim, spelling) if ``node`` is a softmax call."""
-    if node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS:
-        return _arg(node, 0, "input"), _arg(node, 1, "dim"), "softmax"
-    if node.op == "call_method" and node.target == "softmax":
-        return node.args[0], _arg(node, 1, "dim"), "softmax"
+    """(input, dim, spelling) if ``node`` is a softmax call (torch, method, ATen or ``nn.Softmax``)."""
+    if node.op in ("call_function", "call_method") and graph_patterns.is_op(node, "softmax"):
+        return (node.args[0] if node.args else node.kwargs.get("input")), _arg(node, 1, "dim"), "softmax"
     if node.op == "call_module":
         try:
             mod = gm.get_submodule(str(node.target))
@@ -451,35 +463,44 @@ def _match_softmax(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch | None:
             ndim = dim + 1
         else:
             return None
-    scores = _parse_scores(inp, ndim)
+    safe = ag.safe_softmax_tail(node, inp)  # aten._safe_softmax, decomposed
+    scores = _parse_scores(inp, ndim, ignore=safe[1] if safe else frozenset())
     if scores is None:
         return None
-    # forward: softmax → (casts, dropout) → @ v
+    # forward: softmax → (casts, dropout, views) → @ v
     chain: list[fx.Node] = []
-    cur, dropout = node, False
+    cur, dropout = (safe[0] if safe else node), False
     while True:
-        if len(cur.users) != 1:
+        users = ag.real_users(cur)
+        if len(users) != 1:
             raise _Reject(f"the attention weights ({cur.name}) are also used elsewhere (returned or read): "
                           "linear attention does not form them")
-        nxt = next(iter(cur.users))
-        is_drop = (nxt.op == "call_function" and nxt.target in _DROPOUT_FUNCTIONS) or (
-            nxt.op == "call_module" and isinstance(_module(gm, nxt), nn.Dropout))
-        is_cast = nxt.op == "call_method" and nxt.target in _CAST_METHODS
-        if is_drop or is_cast:
+        nxt = users[0]
+        is_drop = graph_patterns.is_op(nxt, "dropout", gm) and graph_patterns.target_name(nxt) != "native_dropout"
+        if is_drop or _is(nxt, _CAST_METHODS) or _is(nxt, ag.VIEWS):
             dropout = dropout or is_drop
             chain.append(nxt)
             cur = nxt
             continue
         break
+    out = nxt
     if _is_matmul(nxt) and len(nxt.args) >= 2 and nxt.args[0] is cur and nxt.args[1] is not cur:
-        v, out_spelling = nxt.args[1], ("bmm" if nxt.target in (torch.bmm, "bmm", torch.Tensor.bmm) else "matmul")
+        v, out_spelling = nxt.args[1], ("bmm" if _is(nxt, ag.BMM) else "matmul")
+        if ndim == 4 and _ndim(nxt) == 3:  # a decomposed 4-D matmul: bmm on (B·H, T, ·) views
+            v = ag.unflatten_batch(v)
+            v_shape, p_shape = node_shape(v) if v is not None else None, node_shape(node)
+            out = ag.reshaped_from(nxt, p_shape[:-1] + v_shape[-1:]) if v_shape and p_shape else None
+            if out is None:
+                return None
+        elif _ndim(nxt) is not None and ndim is not None and _ndim(nxt) != ndim:
+            return None
     elif _is_einsum(nxt) and _output_einsum(nxt) is not None and _output_einsum(nxt)[0] is cur:
         v, out_spelling = _output_einsum(nxt)[1], "einsum"
     else:
         return None
     if not isinstance(v, fx.Node):
         return None
-    q, q_factors, q_removed = _peel_prescale(scores.q, scores.core)
+    q, q_factors, q_removed = _peel_prescale(scores.q, scores.q_user)
     k, k_factors, k_removed = _peel_prescale(scores.k, scores.k_user)
     parts = [scores.spelling]
     if scores.masks:
@@ -489,7 +510,7 @@ def _match_softmax(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch | None:
         parts.append("dropout")
     parts.append(out_spelling)
     return AttentionMatch(
-        kind="softmax", anchor=node, output=nxt, q=q, k=k, v=v, k_perm=scores.k_perm,
+        kind="softmax", anchor=node, output=out, q=q, k=k, v=v, k_perm=scores.k_perm,
         scale_terms=q_factors + k_factors + scores.factors, masks=scores.masks, dropout=dropout,
         spelling="/".join(parts),
         nodes=q_removed + k_removed + scores.chain + [scores.core, node] + chain + [nxt],
@@ -497,9 +518,12 @@ def _match_softmax(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch | None:
 
 
 def _match_sdpa(node: fx.Node) -> AttentionMatch | None:
-    if not (node.op == "call_function" and node.target in _SDPA_TARGETS):
+    if not (node.op == "call_function" and ag.is_sdpa(node)):
         return None
-    args = {name: _arg(node, i, name) for i, name in enumerate(_SDPA_ARGS)}
+    args, output = ag.sdpa_arguments(node)
+    if output is None:
+        raise _Reject(f"{node.name}: more than the attention output of {graph_patterns.target_name(node)} is used "
+                      "(its log-sum-exp?); linear attention does not compute it")
     q, k, v = args["query"], args["key"], args["value"]
     if not all(isinstance(x, fx.Node) for x in (q, k, v)):
         return None
@@ -509,7 +533,7 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch | None:
     scale = args["scale"]
     masks = [(args["attn_mask"], "sdpa")] if isinstance(args["attn_mask"], fx.Node) else []
     return AttentionMatch(
-        kind="sdpa", anchor=node, output=node, q=q, k=k, v=v,
+        kind="sdpa", anchor=node, output=output, q=q, k=k, v=v,
         scale_terms=[] if scale is None else [(scale, 1)], default_scale=scale is None,
         masks=masks, is_causal=is_causal, dropout=_number(args["dropout_p"]) not in (None, 0.0),
         spelling="sdpa" + ("/mask" if masks else "") + ("/is_causal" if is_causal else ""), nodes=[node],
@@ -537,16 +561,28 @@ def _dead_nodes(gm: fx.GraphModule, match: AttentionMatch) -> list[fx.Node]:
         candidates.add(n)
         stack.extend(n.all_input_nodes)
     for n in reversed(gm.graph.nodes):
-        if n in candidates and all(u in dead for u in n.users) and not n.is_impure():
+        if n in candidates and all(u in dead or _is(u, ag.ASSERTS) for u in n.users) and not n.is_impure():
             dead.add(n)
     return [n for n in gm.graph.nodes if n in dead]
+
+
+def _unrepeat(match: AttentionMatch) -> None:
+    """Read GQA keys/values before their ``repeat_kv``: the unit then keeps one feature map per key head."""
+    if match.k_perm is not None:
+        return
+    rk, rv = ag.unrepeat_kv(match.k), ag.unrepeat_kv(match.v)
+    if rk is not None and rv is not None and rk[1] == rv[1]:
+        match.k, match.v, match.repeat_kv = rk[0], rv[0], rk[1]
 
 
 def find_attention(gm: fx.GraphModule, skipped: list[str] | None = None) -> list[AttentionMatch]:
     """Every attention call site of a traced graph, in graph order (see the module docstring).
 
-    Softmaxes that look like attention but cannot be rewritten (their weights are used elsewhere)
-    are left out; ``skipped`` (a list) receives the reason for each.
+    The graph may come from ``symbolic_trace``, from dynamo (a ``torch.compile`` backend's graph) or
+    from ``torch.export`` (ATen, before or after ``run_decompositions()``): the same patterns are
+    read through ``passes.attention_graph``. Softmaxes that look like attention but cannot be
+    rewritten (their weights are used elsewhere) are left out; ``skipped`` (a list) receives the
+    reason for each.
     """
     matches: list[AttentionMatch] = []
     for node in gm.graph.nodes:
@@ -557,6 +593,7 @@ def find_attention(gm: fx.GraphModule, skipped: list[str] | None = None) -> list
                 skipped.append(str(e))
             continue
         if match is not None:
+            _unrepeat(match)
             match.dead = _dead_nodes(gm, match)
             matches.append(match)
     return matches
@@ -616,10 +653,26 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], nodes: set[fx.No
 
 
 _SHAPE_ONLY = {"size", "dim", "numel"}
+_SYM_SIZE = ag._packets("sym_size", "sym_numel", "sym_stride")
 
 
-def _data_dependent(node: fx.Node) -> bool:
-    """True when ``node`` reads the *values* of a model input (not only its sizes, dtype or device)."""
+def state_placeholders(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> set[fx.Node]:
+    """Placeholders that are not data: parameters and buffers (dynamo lifts them to inputs) and sizes
+    (dynamo's symbolic ints)."""
+    state = set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        source = str(getattr(getattr(node.meta.get("grapharg"), "source", None), "name", lambda: "")())
+        if isinstance(value, nn.Parameter) or not isinstance(value, torch.Tensor) or \
+                "_buffers" in source or "_parameters" in source or \
+                node.name.startswith(("l_self_buffers_", "l_self_parameters_")) or "_buffers_" in node.name:
+            state.add(node)
+    return state
+
+
+def _data_dependent(node: fx.Node, state: set[fx.Node] | frozenset = frozenset()) -> bool:
+    """True when ``node`` reads the *values* of a model input (not only its sizes, dtype or device);
+    ``state`` placeholders (parameters, buffers, sizes) are not inputs."""
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:
@@ -628,8 +681,10 @@ def _data_dependent(node: fx.Node) -> bool:
             continue
         seen.add(n)
         if n.op == "placeholder":
+            if n in state:
+                continue
             return True
-        if n.op == "call_method" and n.target in _SHAPE_ONLY:
+        if (n.op == "call_method" and n.target in _SHAPE_ONLY) or _is(n, _SYM_SIZE):
             continue
         if n.op == "call_function" and n.target is getattr and n.args[1:2] and \
                 n.args[1] in ("shape", "dtype", "device", "ndim"):
@@ -669,11 +724,11 @@ def _pattern(allowed: torch.Tensor) -> str:
 # plan
 
 
-def _base_name(match: AttentionMatch) -> str:
+def _base_name(match: AttentionMatch, gm: fx.GraphModule | None = None) -> str:
     node = match.anchor
     if node.op == "call_module":
         return str(node.target)
-    scope = node_scope(node)
+    scope = graph_patterns.module_scope(node, gm)
     leaf = "sdpa" if match.kind == "sdpa" else "softmax"
     return f"{scope}.{leaf}" if scope else leaf
 
@@ -695,7 +750,7 @@ def _describe_types(model: nn.Module, limit: int = 12) -> list[str]:
 
 
 def _site_data(match: AttentionMatch, values: dict[fx.Node, Any], model: nn.Module, config: LinearizeAttention,
-               name: str) -> dict[str, Any]:
+               name: str, state: set[fx.Node] | frozenset = frozenset()) -> dict[str, Any]:
     q_shape, k_shape, v_shape = node_shape(match.q), node_shape(match.k), node_shape(match.v)
     if q_shape is None or k_shape is None or v_shape is None:
         raise PlanError(f"attention site {name!r}: no shapes were recorded for q/k/v; check example_inputs")
@@ -715,7 +770,7 @@ def _site_data(match: AttentionMatch, values: dict[fx.Node, Any], model: nn.Modu
         if not isinstance(value, torch.Tensor):
             raise PlanError(f"attention site {name!r}: mask {node.name} is not a tensor ({type(value).__name__})")
         pattern = _pattern(allowed_keys(value, kind))
-        structural = not _data_dependent(node)
+        structural = not _data_dependent(node, state)
         if structural and pattern in ("causal", "all"):
             causal_from = causal_from or ("mask" if pattern == "causal" else None)
             mask_rows.append(f"{node.name}:{kind}:{pattern}:dropped")
@@ -739,6 +794,7 @@ def _site_data(match: AttentionMatch, values: dict[fx.Node, Any], model: nn.Modu
         grid, n_prefix = _grid(q_shape[-2])
     return {
         "spelling": match.spelling, "causal": causal, "heads": heads, "kv_heads": kv_heads,
+        "repeat_kv": match.repeat_kv,
         "head_dim": q_shape[-1], "v_dim": v_shape[-1], "ndim": nd, "tokens": [q_shape[-2], k_shape[-2]],
         "scale": scale, "scale_computed": computed, "masks": kept, "mask_notes": mask_rows, "dropout": match.dropout,
         "image_grid": grid is not None, "n_prefix": n_prefix,
@@ -833,7 +889,7 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
             f"no softmax(q @ kᵀ · s) @ v or F.scaled_dot_product_attention call in its traced graph (module types: "
             f"{types}).{hint}{why}"
         )
-    bases = [_base_name(m) for m in matches]
+    bases = [_base_name(m, gm) for m in matches]
     seen: Counter[str] = Counter()
     found, by_name = [], {}
     for match, base in zip(matches, bases):
@@ -841,9 +897,10 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
         seen[base] += 1
         name = base if k == 0 else f"{base}@{k}"
         by_name[name] = match
-        found.append(Site(name=name, base=base, kind="fx", op=match.kind, scope=node_scope(match.anchor),
+        scope = graph_patterns.module_scope(match.anchor, gm)
+        found.append(Site(name=name, base=base, kind="fx", op=match.kind, scope=scope,
                           node=match.anchor.name, shape=node_shape(match.output),
-                          data={"index": len(found)}))
+                          data={"index": len(found), "module": scope}))
     if ctx.recorded_sites is not None:
         sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
     else:
@@ -853,9 +910,10 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
     wanted = {n for s in sites for n, _ in by_name[s.name].masks}
     wanted |= {v for s in sites for v, _ in by_name[s.name].scale_terms if isinstance(v, fx.Node)}
     values = _capture(gm, ctx.example_inputs, wanted) if wanted else {}
+    state = state_placeholders(gm, ctx.example_inputs)
     for site in sites:
         recorded = dict(site.data)
-        data = _site_data(by_name[site.name], values, model, config, site.name)
+        data = _site_data(by_name[site.name], values, model, config, site.name, state)
         if ctx.recorded_sites is not None and "causal" in recorded:
             data["causal"] = recorded["causal"]
         _check_site(site.name, data, config)
@@ -892,7 +950,11 @@ def _erase_dead(gm: fx.GraphModule, start: fx.Node) -> None:
     stack = [start]
     while stack:
         n = stack.pop()
-        if n.users or n.op in ("placeholder", "output") or n.is_impure() or n.graph is not gm.graph:
+        if n.graph is not gm.graph:
+            continue
+        for check in [u for u in n.users if _is(u, ag.ASSERTS)]:  # export's metadata checks of a dead value
+            gm.graph.erase_node(check)
+        if n.users or n.op in ("placeholder", "output") or n.is_impure():
             continue
         inputs = list(n.all_input_nodes)
         gm.graph.erase_node(n)

@@ -73,9 +73,17 @@ def key_mask_from(masks: Sequence[Tensor], kinds: Sequence[str], batch: int, n_k
         allowed = allowed.flatten(0, -ndim).flatten(1, -2).any(dim=1)  # any head, any query -> (b, Tk)
         allowed = allowed.expand(batch, n_keys)
         valid = allowed if valid is None else valid & allowed
-    if valid is None or bool(valid.all()):
+    if valid is None:
         return None
-    return valid
+    if _tracing(valid):
+        return valid  # no data-dependent branch while torch.compile / torch.export trace the unit
+    return None if bool(valid.all()) else valid
+
+
+def _tracing(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(t)
 
 
 class FxLinearAttention(SurgeonUnit):

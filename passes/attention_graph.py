@@ -1,0 +1,281 @@
+"""Graph-source helpers of the FX attention matcher: the same attention whatever made the graph.
+
+``passes.attention_fx`` matches ``softmax(q @ kᵀ · s + mask) @ v`` and SDPA calls. This module holds
+what it needs to read the three kinds of FX graph alike (see ``surgeon.graph_patterns``):
+
+* op tables with the torch-level callables, method names *and* ATen overload packets of each piece
+  (``transpose`` = ``x.transpose`` / ``torch.transpose`` / ``aten.transpose.int`` ...), and :func:`is_call`;
+* :func:`unflatten_batch`: the (B, H, T, D) tensor a decomposed ``matmul`` flattened into a 3-D
+  ``bmm`` operand (``aten.expand`` → ``aten.clone`` → ``aten.view``);
+* :func:`unrepeat_kv`: the (B, H_kv, T, D) keys/values under a GQA ``repeat_kv``
+  (``x[:, :, None].expand(...).reshape(...)``, ``unsqueeze``/``expand``/``view`` in ATen, or
+  ``repeat_interleave``);
+* :func:`safe_softmax_tail`: the guard ``aten._safe_softmax`` decomposes into
+  (``where(all keys masked, 0, softmax)``);
+* :func:`sdpa_arguments`: the arguments of every SDPA spelling by name (``aten._scaled_dot_product_*``
+  variants take them in other orders and return tuples).
+
+Example:
+    >>> import torch
+    >>> class GQA(torch.nn.Module):
+    ...     def forward(self, k):
+    ...         b, h, t, d = k.shape
+    ...         return k[:, :, None, :, :].expand(b, h, 3, t, d).reshape(b, h * 3, t, d)
+    >>> ep = torch.export.export(GQA(), (torch.randn(2, 2, 5, 4),))
+    >>> gm = ep.module()
+    >>> out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    >>> k, groups = unrepeat_kv(out)
+    >>> k.op, groups
+    ('placeholder', 3)
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from surgeon import graph_patterns
+from surgeon.graph_patterns import arg, node_shape, number
+
+_aten = torch.ops.aten
+
+
+def _packets(*names: str) -> set:
+    return {getattr(_aten, n) for n in names if hasattr(_aten, n)}
+
+
+def is_call(node: Any, targets: set | frozenset) -> bool:
+    """``node`` calls one of ``targets`` (callables, method names or ATen overload packets)."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    target = node.target
+    if target in targets:
+        return True
+    packet = getattr(target, "overloadpacket", None)
+    return packet is not None and packet in targets
+
+
+# ---------------------------------------------------------------------------------------------- op tables
+
+CASTS = {"to", "float", "half", "bfloat16", "double", "type_as", "type", "contiguous",
+         torch.Tensor.to, torch.Tensor.float, torch.Tensor.contiguous, torch.Tensor.type_as,
+         } | _packets("_to_copy", "to", "clone", "contiguous", "alias", "type_as", "lift_fresh_copy")
+MUL = {operator.mul, torch.mul, torch.Tensor.mul, "mul"} | _packets("mul")
+DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, "div", "true_divide"} | _packets(
+    "div", "true_divide")
+ADD = {operator.add, torch.add, torch.Tensor.add, "add"} | _packets("add")
+MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill, "masked_fill"} | _packets("masked_fill")
+TRANSPOSE = {torch.transpose, torch.Tensor.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims,
+             "swapdims"} | _packets("transpose", "swapaxes", "swapdims")
+PERMUTE = {torch.permute, torch.Tensor.permute, "permute"} | _packets("permute")
+EINSUM = {torch.einsum} | _packets("einsum")
+BMM = {torch.bmm, torch.Tensor.bmm, "bmm"} | _packets("bmm")
+#: reshapes that keep the row-major order of the elements (and no-op expands / copies)
+VIEWS = {"view", "reshape", "expand", "expand_as", "clone", "contiguous", torch.reshape, torch.Tensor.view,
+         torch.Tensor.reshape, torch.Tensor.expand} | _packets("view", "_unsafe_view", "reshape", "expand",
+                                                                "clone", "contiguous", "alias")
+UNSQUEEZE = {torch.unsqueeze, torch.Tensor.unsqueeze, "unsqueeze"} | _packets("unsqueeze")
+EXPAND = {"expand", torch.Tensor.expand} | _packets("expand")
+RESHAPE = {"view", "reshape", torch.reshape, torch.Tensor.view, torch.Tensor.reshape} | _packets(
+    "view", "_unsafe_view", "reshape")
+REPEAT_INTERLEAVE = {torch.repeat_interleave, torch.Tensor.repeat_interleave, "repeat_interleave"} | _packets(
+    "repeat_interleave")
+WHERE = {torch.where, "where"} | _packets("where")
+FULL_LIKE = {torch.full_like, torch.zeros_like} | _packets("full_like", "zeros_like")
+#: assertions export leaves on tensors (``aten._assert_tensor_metadata``): not real uses
+ASSERTS = _packets("_assert_tensor_metadata", "_assert_scalar", "_assert_async")
+_GUARD = {"logical_not", "any", "all", "eq", "isneginf", "isinf", torch.logical_not, torch.any, torch.all,
+          torch.eq, torch.isneginf, operator.eq, operator.invert, "__invert__"} | _packets(
+    "logical_not", "any", "all", "eq", "isneginf", "isinf", "bitwise_not")
+
+#: argument names of every SDPA spelling, in positional order (keyword-only ones last)
+SDPA_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "scaled_dot_product_attention": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                                     "enable_gqa"),
+    "_scaled_dot_product_flash_attention_for_cpu": ("query", "key", "value", "dropout_p", "is_causal", "attn_mask",
+                                                    "scale"),
+    "_scaled_dot_product_efficient_attention": ("query", "key", "value", "attn_mask", "compute_log_sumexp",
+                                                "dropout_p", "is_causal", "scale"),
+    "_scaled_dot_product_flash_attention": ("query", "key", "value", "dropout_p", "is_causal", "return_debug_mask",
+                                            "scale"),
+    "_scaled_dot_product_cudnn_attention": ("query", "key", "value", "attn_mask", "compute_log_sumexp",
+                                            "dropout_p", "is_causal", "return_debug_mask", "scale"),
+    "_scaled_dot_product_attention_math": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal",
+                                           "dropout_mask", "scale", "enable_gqa"),
+}
+_KEYWORD_ALIASES = {"attn_bias": "attn_mask"}
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` other than export's tensor assertions."""
+    return [u for u in node.users if not is_call(u, ASSERTS)]
+
+
+def is_sdpa(node: Any) -> bool:
+    return graph_patterns.is_op(node, "sdpa")
+
+
+def sdpa_arguments(node: fx.Node) -> tuple[dict[str, Any], fx.Node | None]:
+    """(arguments by name, the node holding the attention output) of an SDPA call of any spelling.
+
+    The output is the call itself, or its ``getitem(·, 0)`` for ATen variants that return a tuple
+    (None when another element of the tuple is used: the call cannot be replaced).
+    """
+    name = graph_patterns.target_name(node)
+    names = SDPA_SIGNATURES.get(name, SDPA_SIGNATURES["scaled_dot_product_attention"])
+    args = {n: arg(node, i, n) for i, n in enumerate(names)}
+    for alias, canonical in _KEYWORD_ALIASES.items():
+        if alias in node.kwargs:
+            args[canonical] = node.kwargs[alias]
+    if name == "scaled_dot_product_attention" or node.op != "call_function" or \
+            not isinstance(node.target, torch._ops.OpOverload):
+        return args, node
+    users = real_users(node)
+    firsts = [u for u in users if u.target is operator.getitem and u.args[1] == 0]
+    others = [u for u in users if u not in firsts and (u.target is not operator.getitem or real_users(u))]
+    if len(firsts) != 1 or others:
+        return args, None
+    return args, firsts[0]
+
+
+# ---------------------------------------------------------------------------------------------- shapes through views
+
+
+def unflatten_batch(node: Any) -> fx.Node | None:
+    """The 4-D (B, H, a, b) node that a 3-D (B·H, a, b) ``bmm`` operand is a view of, or None.
+
+    Walks back through order-keeping reshapes, no-op expands and copies (a decomposed
+    ``matmul``: ``expand`` → ``clone`` → ``view``) and returns the earliest node of such a shape.
+    """
+    shape = node_shape(node) if isinstance(node, fx.Node) else None
+    if shape is None or len(shape) != 3:
+        return None
+    best, cur = None, node
+    for _ in range(8):
+        if not is_call(cur, VIEWS) or not isinstance(cur.args[0], fx.Node):
+            break
+        cur = cur.args[0]
+        s = node_shape(cur)
+        if s is None:
+            break
+        if len(s) == 4 and s[-2:] == shape[-2:] and s[0] * s[1] == shape[0]:
+            best = cur
+    return best
+
+
+def reshaped_from(node: Any, shape: list[int]) -> fx.Node | None:
+    """The single reshape of ``node`` (skipping assertions) to ``shape``, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    users = real_users(node)
+    if len(users) != 1 or not is_call(users[0], RESHAPE):
+        return None
+    return users[0] if node_shape(users[0]) == list(shape) else None
+
+
+# ---------------------------------------------------------------------------------------------- GQA
+
+
+def _repeat_source(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``x[:, :, None].expand(B, Hkv, g, T, D)`` (or ``unsqueeze(x, 2).expand``) → (x, g)."""
+    cur = node
+    while is_call(cur, CASTS) and isinstance(cur.args[0], fx.Node):
+        cur = cur.args[0]
+    if not is_call(cur, EXPAND):
+        return None
+    shape = node_shape(cur)
+    src = cur.args[0]
+    if shape is None or len(shape) != 5 or not isinstance(src, fx.Node):
+        return None
+    inner: Any = None
+    if is_call(src, UNSQUEEZE) and arg(src, 1, "dim") in (2, -3):
+        inner = src.args[0]
+    elif src.op == "call_function" and src.target is operator.getitem and isinstance(src.args[1], tuple):
+        index = src.args[1]
+        if len(index) >= 3 and index[2] is None and all(i == slice(None) for i in index[:2]) and \
+                all(i == slice(None) or i is Ellipsis for i in index[3:]):
+            inner = src.args[0]
+    if not isinstance(inner, fx.Node):
+        return None
+    base = node_shape(inner)
+    if base is None or len(base) != 4 or base != [shape[0], shape[1], shape[3], shape[4]]:
+        return None
+    return inner, shape[2]
+
+
+def unrepeat_kv(node: Any) -> tuple[fx.Node, int] | None:
+    """(x, groups) if ``node`` repeats each head of the (B, H_kv, T, D) tensor ``x`` ``groups`` times
+    (transformers' ``repeat_kv`` in any graph, or ``repeat_interleave(x, g, dim=1)``), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    shape = node_shape(node)
+    if shape is None or len(shape) != 4:
+        return None
+    if is_call(node, REPEAT_INTERLEAVE):
+        x, groups, dim = node.args[0], arg(node, 1, "repeats"), arg(node, 2, "dim")
+        base = node_shape(x) if isinstance(x, fx.Node) else None
+        if isinstance(groups, int) and dim in (1, -3) and base is not None and len(base) == 4 and \
+                base[1] * groups == shape[1]:
+            return x, groups
+        return None
+    if not is_call(node, RESHAPE) or not isinstance(node.args[0], fx.Node):
+        return None
+    found = _repeat_source(node.args[0])
+    if found is None:
+        return None
+    x, groups = found
+    base = node_shape(x)
+    return (x, groups) if base is not None and base[1] * groups == shape[1] else None
+
+
+# ---------------------------------------------------------------------------------------------- safe softmax
+
+
+def _ancestors_until(start: fx.Node, stop: fx.Node) -> set[fx.Node] | None:
+    """Nodes between ``start`` and ``stop`` (exclusive) if every path from ``start`` back ends at ``stop``
+    through guard ops (``eq``, ``logical_not``, ``any``...), else None."""
+    seen: set[fx.Node] = set()
+    stack = [start]
+    while stack:
+        n = stack.pop()
+        if n is stop or n in seen:
+            continue
+        if not is_call(n, _GUARD):
+            return None
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def safe_softmax_tail(softmax: fx.Node, scores: Any) -> tuple[fx.Node, set[fx.Node]] | None:
+    """``where(no key visible, 0, softmax(scores))`` (what ``aten._safe_softmax`` decomposes into) →
+    (the ``where`` node, the guard nodes that read ``scores``), or None."""
+    if not isinstance(scores, fx.Node):
+        return None
+    users = real_users(softmax)
+    wheres = [u for u in users if is_call(u, WHERE) and len(u.args) == 3 and u.args[2] is softmax]
+    if len(wheres) != 1:
+        return None
+    where = wheres[0]
+    cond, zero = where.args[0], where.args[1]
+    zero_ok = number(zero) == 0.0 or (is_call(zero, FULL_LIKE) and zero.args[0] is softmax
+                                      and (len(zero.args) < 2 or number(zero.args[1]) == 0.0))
+    if not zero_ok or not isinstance(cond, fx.Node):
+        return None
+    if set(users) - {where, zero}:
+        return None
+    guard = _ancestors_until(cond, scores)
+    if guard is None:
+        return None
+    if isinstance(zero, fx.Node) and zero is not softmax and is_call(zero, FULL_LIKE):
+        guard.add(zero)
+    return where, guard
+
+
+__all__ = [
+    "ADD", "ASSERTS", "BMM", "CASTS", "DIV", "EINSUM", "MASKED_FILL", "MUL", "PERMUTE", "TRANSPOSE", "VIEWS",
+    "is_call", "is_sdpa", "real_users", "reshaped_from", "safe_softmax_tail", "sdpa_arguments",
+    "unflatten_batch", "unrepeat_kv",
+]
