@@ -222,7 +222,8 @@ def _owner(gm: fx.GraphModule, path: str) -> nn.Module | None:
         return None
 
 
-def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site], modules_called: Counter[str]) -> None:
+def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site], modules_called: Counter[str],
+                       keep_recorded: bool = False) -> None:
     """Where each site's unit will live: the module's own path when it is called once, else a new name.
 
     On dynamo / export graphs the module tree is gone (modules were inlined); the unit is put at the
@@ -230,7 +231,9 @@ def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site], modules_called: Co
     """
     taken: set[str] = set()
     for site in sites:
-        if site.data["call"] == "module" and modules_called[site.base] == 1:
+        if keep_recorded and site.data.get("unit"):  # replay: the recipe's path, so weights line up
+            path = site.data["unit"]
+        elif site.data["call"] == "module" and modules_called[site.base] == 1:
             path = site.base
         else:
             owner_path = site.scope if site.data["call"] != "module" else site.base.rpartition(".")[0]
@@ -265,7 +268,8 @@ class LinearizeReLUHandler(PassHandler):
     def plan(self, model: nn.Module, config: LinearizeReLU, ctx: PassContext) -> Plan:
         gm = trace(model, config.leaf_modules, config.leaf_fn)
         captured = graph_patterns.graph_source(gm) != "symbolic_trace"  # shapes are in the node metadata
-        if config.granularity != "layer" and ctx.example_inputs is None and not captured:
+        sites_only = bool(ctx.notes.get("sites_only"))  # a backend asks which sites exist (no checks)
+        if config.granularity != "layer" and ctx.example_inputs is None and not captured and not sites_only:
             raise ConfigError(
                 f"LinearizeReLU(granularity={config.granularity!r}) needs a fixed input shape to size its "
                 f"masks: pass example_inputs=(tensor, ...) to surgeon.apply, or use granularity='layer'."
@@ -281,12 +285,18 @@ class LinearizeReLUHandler(PassHandler):
                 f"(looked for nn.ReLU/ReLU6, F.relu/relu6, torch.relu, .relu(), hardtanh(0, 6), clamp(min=0))."
             )
         if ctx.recorded_sites is not None:
+            # the recipe's unit path and mask shape win; how the op is spelled here stays this graph's
+            local = {s.name: {k: s.data[k] for k in ("call", "inplace")} for s in found}
             sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
+            for site in sites:
+                site.data.update(local[site.name])
         else:
             sites = select_sites(found, config.targets, config.exclude, config.filter_fn,
                                  resolve_module=lambda s: _resolve(gm, s), what="ReLU call site")
+        if sites_only:
+            return Plan(sites, {"gm": gm})
         calls = Counter(s.base for s in found if s.data["call"] == "module")
-        _assign_unit_paths(gm, sites, calls)
+        _assign_unit_paths(gm, sites, calls, keep_recorded=ctx.recorded_sites is not None)
         for site in sites:
             if config.granularity != "layer":
                 if site.shape is None:
@@ -384,6 +394,8 @@ class FinalizeReLUHandler(PassHandler):
                                   scope=node_scope(node), node=node.name, shape=node_shape(node),
                                   data={"unit": str(node.target), "action": action, "kept": int(binary.sum()),
                                         "entries": binary.numel(), "poly": isinstance(unit, MaskedPolyReLU)}))
+        if not found and ctx.notes.get("allow_empty"):
+            return Plan([])
         if not found:
             raise PlanError("FinalizeReLU found no MaskedReLU unit: apply LinearizeReLU first.")
         if ctx.recorded_sites is not None:

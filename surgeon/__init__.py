@@ -10,6 +10,7 @@ Example:
 __version__ = "0.1.0"
 
 from surgeon.api import Surgery, apply
+from surgeon.compile_backend import CompileReport, RecompilationWarning, SurgeonBackend, backend, compile
 from surgeon.config import PassConfig
 from surgeon.linearizer import Linearizer
 from surgeon.errors import (
@@ -37,6 +38,7 @@ __all__ = [
     "ModuleSwapHandler", "PassContext", "register_pass", "Site", "Plan", "Report", "ReportGroup",
     "SurgeonError", "ConfigError", "SelectionError", "TraceError", "PlanError", "RewriteError",
     "RecipeError", "RestoreError", "ExportError", "VerificationError", "Linearizer",
+    "backend", "compile", "SurgeonBackend", "CompileReport", "RecompilationWarning",
 ]
 
 
