@@ -179,7 +179,7 @@ def _fn_name(node: fx.Node, kind: str) -> str:
     return kind if node.op != "call_module" else str(node.target).rpartition(".")[2]
 
 
-def relu_sites(gm: fx.GraphModule) -> list[Site]:
+def relu_sites(gm: fx.GraphModule, offsets: Counter[str] | None = None) -> list[Site]:
     """Every ReLU-family call site of a graph, with unique, stable names.
 
     A module called once is named by its path; a module called k times gives ``path``, ``path@1``,
@@ -187,6 +187,8 @@ def relu_sites(gm: fx.GraphModule) -> list[Site]:
     may come from ``symbolic_trace``, a ``torch.compile`` backend (dynamo) or ``torch.export``: an
     inlined ``nn.ReLU`` (``F.relu`` / ``aten.relu`` whose ``nn_module_stack`` ends in the ReLU module)
     gets the module's FQN, so names match the eager path (see ``surgeon.graph_patterns``).
+    ``offsets`` continues the ``@k`` numbering of bases already seen in earlier graphs (a compile
+    backend's graphs before a graph break).
     """
     found: list[tuple[fx.Node, str, str, str, str]] = []
     for node in gm.graph.nodes:
@@ -201,7 +203,7 @@ def relu_sites(gm: fx.GraphModule) -> list[Site]:
             scope = graph_patterns.module_path(node, gm)
             base, call = (f"{scope}.{kind}" if scope else kind), node.op.removeprefix("call_")
         found.append((node, kind, base, call, scope))
-    seen: Counter[str] = Counter()
+    seen: Counter[str] = Counter(offsets or {})
     sites = []
     for node, kind, base, call, scope in found:
         k = seen[base]
@@ -276,9 +278,10 @@ class LinearizeReLUHandler(PassHandler):
             )
         if ctx.example_inputs is not None and not captured:
             propagate_shapes(gm, ctx.example_inputs)
-        found = relu_sites(gm)
+        found = relu_sites(gm, ctx.notes.get("name_offsets"))
+        bases = Counter(s.base for s in found)  # a backend continues the @k numbering in later graphs
         if not found and ctx.notes.get("allow_empty"):
-            return Plan([], {"gm": gm})  # a torch.compile backend reports 0 sites for this graph
+            return Plan([], {"gm": gm, "bases": bases})  # a torch.compile backend reports 0 sites here
         if not found:
             raise PlanError(
                 f"LinearizeReLU found no ReLU call site in {type(model).__name__} "
@@ -294,7 +297,7 @@ class LinearizeReLUHandler(PassHandler):
             sites = select_sites(found, config.targets, config.exclude, config.filter_fn,
                                  resolve_module=lambda s: _resolve(gm, s), what="ReLU call site")
         if sites_only:
-            return Plan(sites, {"gm": gm})
+            return Plan(sites, {"gm": gm, "bases": bases})
         calls = Counter(s.base for s in found if s.data["call"] == "module")
         _assign_unit_paths(gm, sites, calls, keep_recorded=ctx.recorded_sites is not None)
         for site in sites:
@@ -316,7 +319,7 @@ class LinearizeReLUHandler(PassHandler):
                 raise ConfigError("LinearizeReLU(budget=...) needs example_inputs to count the ReLUs it budgets")
             total = sum(math.prod(s.shape[1:]) for s in sites)
             resolve_budget(config.budget, total)  # raises on a budget the model cannot meet
-        return Plan(sites, {"gm": gm})
+        return Plan(sites, {"gm": gm, "bases": bases})
 
     def rewrite(self, model: nn.Module, config: LinearizeReLU, plan: Plan, ctx: PassContext) -> nn.Module:
         gm: fx.GraphModule = plan.state["gm"]

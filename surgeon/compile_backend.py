@@ -14,7 +14,9 @@ Contract for pass handlers (how a pass plugs in; ``LinearizeReLU`` / ``FinalizeR
   ``graph_patterns.module_path(node, gm)`` so names equal the eager ones. ``gm.meta
   [graph_patterns.MODULE_IDS_META]`` maps dynamo's module ids to FQNs when the model is known.
 * ``ctx.notes`` carries ``allow_empty=True`` (a graph without a site returns ``Plan([])``, it must
-  not raise), ``recipe=True`` when parameters come from a recipe (skip checks that need the whole
+  not raise), ``name_offsets`` (a ``Counter`` of site bases seen in this frame's earlier graphs: a
+  handler that numbers repeated calls ``base@k`` starts there, and returns the bases it found as
+  ``plan.state['bases']``, so names after a graph break still equal the eager ones), ``recipe=True`` when parameters come from a recipe (skip checks that need the whole
   model, such as budgets), and, for a dry run on the eager model, ``sites_only=True`` (return the
   selected sites; shape checks may be skipped).
 * ``handler.needs_recipe(config)`` returns a reason string when the rewrite adds *trained*
@@ -225,6 +227,8 @@ class SurgeonBackend:
             if mismatch:
                 raise RecipeError(f"recipe {self.recipe.directory} does not fit this model: {mismatch}")
         self._check_recipe_needs(model)
+        self._running: list[Counter] = [Counter() for _ in self.passes]
+        self._frame_offsets: dict[int, list[Counter]] = {}
         self.graphs: list[fx.GraphModule] = []
         self.records: list[GraphRecord] = []
         self._breaks_at_start = _counter("graph_break")
@@ -294,16 +298,33 @@ class SurgeonBackend:
         self._check_recompiles(record)
         return self.next(gm, example_inputs)
 
+    def _offsets(self, record: GraphRecord) -> list[Counter]:
+        """Per pass, the site bases counted in graphs before this one (graph breaks split a model).
+
+        A frame's first compile continues from every frame compiled before it; a recompile of a
+        frame reuses that frame's starting point.
+        """
+        if record.frame is not None and record.frame in self._frame_offsets:
+            return self._frame_offsets[record.frame]
+        start = [Counter(c) for c in self._running]
+        if record.frame is not None:
+            self._frame_offsets[record.frame] = start
+        return start
+
     def _rewrite(self, gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
         seen: Counter[str] = Counter()
-        for config in self.passes:
+        offsets = self._offsets(record)
+        first = record.frame is None or not record.recompile
+        for i, config in enumerate(self.passes):
             k = seen[config.pass_name]
             seen[config.pass_name] += 1
             handler = handler_for(config)
-            notes = {"allow_empty": True}
+            notes = {"allow_empty": True, "name_offsets": offsets[i]}
             entry = self.recipe.entry_for(config, k) if self.recipe is not None else None
             plan = handler.plan(gm, config, PassContext(notes={**notes, "recipe": entry is not None}))
             ctx = PassContext(notes={**notes, "recipe": entry is not None})
+            if first and "bases" in plan.state:
+                self._running[i].update(plan.state["bases"])
             if entry is not None:
                 here = set(plan.names)
                 recorded = [Site.from_dict(copy.deepcopy(s.to_dict())) for s in entry.sites if s.name in here]

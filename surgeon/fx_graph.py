@@ -102,7 +102,10 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Fill ``node.meta['tensor_meta']`` by running ``gm`` once (eval mode, no grad, modes restored)."""
     modes = {m: m.training for m in gm.modules()}
     try:
-        gm.eval()
+        try:
+            gm.eval()
+        except NotImplementedError:  # torch.export's module(): its graph is fixed to one mode anyway
+            pass
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     finally:
