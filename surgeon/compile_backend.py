@@ -190,6 +190,10 @@ def _resolve_next(then: str | Backend) -> Backend:
                           f"{sorted(set(list_backends(exclude_tags=())) | {'eager'})}") from None
 
 
+def record_is_first_graph(records: Sequence[GraphRecord]) -> bool:
+    return not records
+
+
 class SurgeonBackend:
     """A ``torch.compile`` backend that applies surgeon passes to each captured graph.
 
@@ -280,8 +284,14 @@ class SurgeonBackend:
         breaks = _counter("graph_break")
         new_breaks = [f"{_short(r)} (x{c})" for r, c in (breaks - self._breaks_seen).items()]
         self._breaks_seen = breaks
+        frame_self = self._frame_self()
+        if self.module_ids is None and frame_self is not None and record_is_first_graph(self.records):
+            # the bare backend learns the model from the first frame dynamo compiles (its forward)
+            self.module_ids = {str(id(m)): name for name, m in frame_self.named_modules()}
         if self.module_ids is not None:
             gm.meta[graph_patterns.MODULE_IDS_META] = self.module_ids
+            if frame_self is not None and str(id(frame_self)) in self.module_ids:
+                gm.meta[graph_patterns.FRAME_SCOPE_META] = self.module_ids[str(id(frame_self))]
         record = GraphRecord(index=len(self.records), compile_id=str(cid) if cid is not None else "-",
                              frame=frame, recompile=recompile, nodes=len(gm.graph.nodes), breaks_before=new_breaks)
         before = set(gm.state_dict().keys())
@@ -310,6 +320,18 @@ class SurgeonBackend:
         if record.frame is not None:
             self._frame_offsets[record.frame] = start
         return start
+
+    @staticmethod
+    def _frame_self() -> nn.Module | None:
+        """The module whose forward dynamo is compiling (``self`` of the captured frame), if any."""
+        try:
+            from torch._dynamo.symbolic_convert import InstructionTranslator
+
+            tx = InstructionTranslator.current_tx()
+            candidate = tx.f_locals.get("self") if tx is not None else None
+        except Exception:  # noqa: BLE001 - private API: no frame scope then
+            return None
+        return candidate if isinstance(candidate, nn.Module) else None
 
     def _rewrite(self, gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
         seen: Counter[str] = Counter()
@@ -421,6 +443,42 @@ class SurgeonBackend:
         return f"SurgeonBackend({', '.join(type(p).__name__ for p in self.passes)}, then={self.then_name!r})"
 
 
+def with_recipe_weights(model: nn.Module, recipe: str | Path) -> nn.Module:
+    """A copy of ``model`` holding the recipe's values of its own weights (fine-tuned / distilled).
+
+    The passes' new tensors are not part of it (the backend loads those into the graphs). A recipe
+    whose surgery removed weights of the model (``FinalizeReLU(fold=True)`` folding BatchNorm) cannot
+    be compiled graph by graph: compile ``surgeon.restore(model, DIR)`` instead.
+
+    Example:
+        >>> import tempfile, torch, torch.nn as nn, surgeon
+        >>> from surgeon.passes import LinearizeReLU
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> s = surgeon.apply(net, LinearizeReLU(granularity="layer"))
+        >>> with torch.no_grad(): _ = s.model.get_submodule("0").weight.add_(1.0)   # "fine-tuned"
+        >>> d = surgeon.save(s, tempfile.mkdtemp())
+        >>> torch.equal(with_recipe_weights(net, d)[0].weight, net[0].weight + 1.0)
+        True
+    """
+    weights = _RecipeWeights(recipe)
+    own = model.state_dict()
+    by_ptr: dict[int, list[str]] = defaultdict(list)
+    for k, v in own.items():
+        by_ptr[v.data_ptr()].append(k)
+    missing = [k for k in own if k not in weights.keys
+               and not any(t in weights.keys for t in by_ptr[own[k].data_ptr()])]  # tied weights saved once
+    if missing:
+        raise RecipeError(
+            f"the recipe {weights.directory} has no value for {missing[:6]} of this model: its surgery changed "
+            f"the model's own modules (e.g. FinalizeReLU(fold=True) folded BatchNorm), which a compile backend "
+            f"cannot replay on dynamo's graphs. Compile the restored model instead: "
+            f"torch.compile(surgeon.restore(model, DIR)).")
+    present = [k for k in own if k in weights.keys]
+    copy_ = copy.deepcopy(model)
+    copy_.load_state_dict(weights.tensors(present), strict=False)
+    return copy_
+
+
 def backend(*passes: PassConfig, then: str | Backend = "inductor", recipe: str | Path | None = None,
             model: nn.Module | None = None, recompile_warn: int = 4) -> SurgeonBackend:
     """A ``torch.compile`` backend applying ``passes`` to every captured graph (see :class:`SurgeonBackend`).
@@ -442,7 +500,8 @@ def compile(model: nn.Module, *passes: PassConfig, then: str | Backend = "induct
     """``torch.compile(model, backend=surgeon.backend(*passes, ...), **compile_kwargs)``.
 
     The returned module carries the backend as ``.surgeon_backend`` (``.surgeon_backend.report``).
-    ``model`` itself is not changed. Errors (a pass that needs ``recipe=``, a recipe made on another
+    ``model`` itself is not changed: with ``recipe=DIR`` a copy holding the recipe's fine-tuned
+    weights is compiled (:func:`with_recipe_weights`). Errors (a pass that needs ``recipe=``, a recipe made on another
     model) are raised here, before anything is compiled.
 
     Example:
@@ -456,6 +515,9 @@ def compile(model: nn.Module, *passes: PassConfig, then: str | Backend = "induct
     if not isinstance(model, nn.Module):
         raise ConfigError(f"surgeon.compile needs an nn.Module, got {type(model).__name__}")
     be = SurgeonBackend(*passes, then=then, recipe=recipe, model=model, recompile_warn=recompile_warn)
+    if recipe is not None:  # the recipe's fine-tuned weights, on a copy (the model stays as it is)
+        model = with_recipe_weights(model, recipe)
+        be.module_ids = {str(id(m)): name for name, m in model.named_modules()}
     compiled = torch.compile(model, backend=be, **compile_kwargs)
     compiled.surgeon_backend = be
     return compiled

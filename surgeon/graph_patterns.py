@@ -48,6 +48,10 @@ ActKind = Literal["relu", "relu6"]
 #: so graphs of resumed frames (inside a submodule after a graph break) still map to root FQNs.
 MODULE_IDS_META = "surgeon_module_ids"
 
+#: gm.meta key: FQN of the module whose ``forward`` the captured frame runs (a graph that dynamo
+#: started inside a submodule, after a graph break); nodes with an empty ``nn_module_stack`` are there.
+FRAME_SCOPE_META = "surgeon_frame_scope"
+
 _aten = torch.ops.aten
 
 
@@ -328,7 +332,7 @@ def module_path(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
         return str(node.target)
     stack = _stack(node)
     if not stack:
-        return ""
+        return str((getattr(gm, "meta", None) or {}).get(FRAME_SCOPE_META, "")) if gm is not None else ""
     return _entry_path(*stack[-1], gm)
 
 
