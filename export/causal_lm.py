@@ -43,7 +43,7 @@ from surgeon.export.onnx_export import (
     quiet_exporter,
     versions,
 )
-from surgeon.export.stateful_lm import DecodeLM, PrefillLM, StateLayout
+from surgeon.export.stateful_lm import PAST, DecodeLM, PrefillLM, StateLayout
 
 CHUNK = 64
 
@@ -148,6 +148,8 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
         manifest = Manifest(graphs=graphs, versions=versions(), recipe=recipe, exporter={
             "api": "surgeon.export.export_causal_lm", "dynamo": True, "kind": "causal_lm_stateful",
             "chunk": chunk, "state": state, "state_bytes_per_sequence": layout.state_bytes(1),
+            "softmax_layers": list(layout.softmax_layers), "kv_cache_pad": layout.pad,
+            "kv_cache_bytes_per_token": layout.kv_bytes_per_token(1),
             "model_config": config, "export_seconds": round(time.perf_counter() - t0, 3)})
         manifest.save(dest.staging / MANIFEST_NAME)
         ort_report = None
@@ -176,23 +178,28 @@ def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: in
     mask[0, : chunk // 2] = 0                       # left padding in the example: the mask is a real input
     names = [s.name for s in layout.specs]
     outs = ["logits"] + [n.replace("state.", "state_out.") for n in names]
-    state_dims = [{0: "batch"} for _ in names]
+
+    def state_dims(past: str) -> list[dict[int, str]]:   # a softmax layer's KV cache grows along "past"
+        return [{0: "batch", **({s.shape.index(PAST) + 1: past} if s.grows else {})} for s in layout.specs]
+
     b = torch.export.Dim("batch", min=1, max=4096)
     n_chunks = torch.export.Dim("chunks", min=1, max=8192)
+    past = torch.export.Dim("past", min=2, max=2**20)
     seq = {0: b, 1: chunk * n_chunks}
     prefill = _export_graph(
         PrefillLM(model), (ids, mask), ["input_ids", "attention_mask"], outs, (seq, seq),
-        [{0: "batch", 1: "sequence"}] * 2, [{0: "batch", 1: "sequence"}] + state_dims,
+        [{0: "batch", 1: "sequence"}] * 2, [{0: "batch", 1: "sequence"}] + state_dims("past_out"),
         staging / "prefill.onnx", opset)
     with torch.no_grad():
         state = list(PrefillLM(model)(ids, mask)[1:])
     step_ids = torch.randint(0, vocab, (batch, 1), generator=gen)
     positions = mask.sum(-1, keepdim=True)
     in_names = ["input_ids", "position_ids"] + [n.replace("state.", "state_in.") for n in names]
+    state_shapes = tuple({0: b, **({s.shape.index(PAST) + 1: past} if s.grows else {})} for s in layout.specs)
     decode = _export_graph(
         DecodeLM(model), (step_ids, positions, *state), in_names, outs,
-        ({0: b}, {0: b}, tuple({0: b} for _ in names)), [{0: "batch"} for _ in in_names],
-        [{0: "batch"}] + state_dims, staging / "decode.onnx", opset)
+        ({0: b}, {0: b}, state_shapes), [{0: "batch"}, {0: "batch"}] + state_dims("past"),
+        [{0: "batch"}] + state_dims("past_out"), staging / "decode.onnx", opset)
     return {"prefill": prefill, "decode": decode}
 
 

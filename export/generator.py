@@ -68,8 +68,12 @@ class OnnxGenerator:
             raise ExportError(f"decode.onnx takes {len(self.state_specs)} state tensors, got {len(state)}")
         batch = token.shape[0]
         feeds = {"input_ids": token.astype(np.int64), "position_ids": position.astype(np.int64)}
+        past = None
         for spec, name, value in zip(self.state_specs, self.state_names, state):
             want = (batch, *spec["shape"][1:])
+            if "past" in want and len(value.shape) == len(want):   # a softmax layer's KV cache: any one length
+                past = value.shape[want.index("past")] if past is None else past
+                want = tuple(past if d == "past" else d for d in want)
             if tuple(value.shape) != want:
                 raise ExportError(f"{name} has shape {tuple(value.shape)}, decode.onnx expects {want} "
                                   f"({spec['kind']} of layer {spec['layer']}); pass the state_out of the previous call")
@@ -116,6 +120,8 @@ class OnnxGenerator:
         p /= p.sum(-1, keepdims=True)
         return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
-    def state_bytes(self, batch: int = 1) -> int:
-        """Bytes of decode state per ``batch`` sequences (constant in the context length)."""
-        return int(self.manifest.exporter["state_bytes_per_sequence"]) * batch
+    def state_bytes(self, batch: int = 1, context: int = 0) -> int:
+        """Bytes of decode state for ``batch`` sequences at ``context`` tokens: constant when every layer is
+        linear; layers kept as softmax attention add their KV cache (``kv_cache_bytes_per_token``)."""
+        per_token = int(self.manifest.exporter.get("kv_cache_bytes_per_token", 0))
+        return (int(self.manifest.exporter["state_bytes_per_sequence"]) + per_token * context) * batch

@@ -2,10 +2,17 @@
 
 Per linearized layer the state is the recurrent state ``(batch, heads, F, head_dim + 1)`` (fp32) plus,
 for hybrids, the softmax window's last ``window - 1`` keys and values and a validity flag per slot.
-Its size never depends on the context length. Both wrappers run the unchanged Hugging Face forward:
-the state enters through transformers' own ``LinearAttentionAndSlidingWindowAttentionLayer`` cache
-layers (prefilled from the inputs) and is read back from them, and the attention mask is passed
-already 4-D, so nothing in the graph depends on Python-side cache bookkeeping.
+Its size never depends on the context length. Layers left as softmax attention (``layers=`` of
+``LinearizeAttention``, ``keep_softmax`` of distillation) carry an ordinary KV cache of their own,
+``(batch, kv_heads, past, head_dim)`` plus a validity flag per cached token, which grows by one per
+decoded token. Both wrappers run the unchanged Hugging Face forward: the state enters through
+transformers' own cache layers (``LinearAttentionAndSlidingWindowAttentionLayer`` / ``DynamicLayer``,
+prefilled from the inputs) and is read back from them, and the attention mask is passed already 4-D,
+so nothing in the graph depends on Python-side cache bookkeeping.
+
+The softmax layers' cache starts with ``pad = max(window) - 1`` invalid slots, so its key axis always
+ends with the linear layers' window slots: one 4-D mask over ``past + new`` keys serves every layer
+(linear layers read its last columns, softmax layers all of it).
 
 Example:
     >>> import torch, transformers, surgeon
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch import Tensor
-from transformers.cache_utils import Cache, LinearAttentionAndSlidingWindowAttentionLayer
+from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionAndSlidingWindowAttentionLayer
 
 from surgeon.errors import ExportError
 
@@ -35,9 +42,28 @@ class StateSpec:
 
     name: str
     layer: int
-    kind: str          # recurrent | window_keys | window_values | window_valid
-    shape: tuple[int, ...]
+    kind: str          # recurrent | window_keys | window_values | window_valid | keys | values | valid
+    shape: tuple[int | str, ...]   # "past": the growing key axis of a softmax layer's KV cache
     dtype: torch.dtype
+
+    @property
+    def grows(self) -> bool:
+        return PAST in self.shape
+
+
+PAST = "past"
+
+
+def _softmax_shape(config: object) -> tuple[int, int]:
+    """(kv heads, head dim) of the model's softmax attention, from its config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        raise ExportError(f"{type(config).__name__} names no num_attention_heads: cannot lay out the KV cache "
+                          "of the layers left as softmax attention; linearize every layer instead")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv, head_dim
 
 
 @dataclass(frozen=True)
@@ -47,6 +73,8 @@ class StateLayout:
     layers: tuple[tuple[int, nn.Module], ...]
     n_layers: int
     specs: tuple[StateSpec, ...]
+    softmax_layers: tuple[int, ...] = ()
+    pad: int = 0        # invalid slots a softmax layer's cache starts with: max(window) - 1
 
     @staticmethod
     def of(model: nn.Module) -> "StateLayout":
@@ -58,18 +86,24 @@ class StateLayout:
             raise ExportError(f"{type(model).__name__} has no linearized attention layers: export it with "
                               "surgeon.export.to_onnx(model, path, example_inputs) as one forward graph, or "
                               "apply LinearizeAttention first")
-        n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or len(units)
-        if len(units) != n_layers:
-            kept = sorted(set(range(n_layers)) - {i for i, _ in units})
-            raise ExportError(f"layers {kept} are still softmax attention; the stateful export needs every "
-                              "layer linearized (keep_softmax layers with their own KV cache are not supported yet)")
         bidirectional = [i for i, m in units if not m.is_causal]
         if bidirectional:
             raise ExportError(f"layers {bidirectional} are bidirectional: prefill/decode graphs are for causal LMs; "
                               "export encoders with surgeon.export.to_onnx as one forward graph")
+        config = getattr(model, "config", None)
+        n_layers = getattr(config, "num_hidden_layers", None) or len(units)
+        softmax = tuple(sorted(set(range(n_layers)) - {i for i, _ in units}))
         dtype = next(model.parameters()).dtype
+        pad = max(max(unit.window - 1, 0) for _, unit in units)
         specs = []
-        for idx, unit in units:
+        for idx in range(n_layers):
+            unit = dict(units).get(idx)
+            if unit is None:
+                kv, head_dim = _softmax_shape(config)
+                specs += [StateSpec(f"state.{idx}.keys", idx, "keys", (kv, PAST, head_dim), dtype),
+                          StateSpec(f"state.{idx}.values", idx, "values", (kv, PAST, head_dim), dtype),
+                          StateSpec(f"state.{idx}.valid", idx, "valid", (PAST,), torch.bool)]
+                continue
             lay = unit.layout
             features = unit.feature_q.out_dim
             state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -83,19 +117,30 @@ class StateLayout:
                               dtype),
                     StateSpec(f"state.{idx}.window_valid", idx, "window_valid", (w,), torch.bool),
                 ]
-        return StateLayout(tuple(units), n_layers, tuple(specs))
+        return StateLayout(tuple(units), n_layers, tuple(specs), softmax, pad if softmax else 0)
 
     def zeros(self, batch: int, device: torch.device | None = None) -> list[Tensor]:
-        """The state before any token: zero recurrent states, empty (invalid) window slots."""
-        return [torch.zeros((batch, *s.shape), dtype=s.dtype, device=device) for s in self.specs]
+        """The state before any token: zero recurrent states, empty (invalid) window and KV-cache slots."""
+        return [torch.zeros((batch, *self.concrete(s, self.pad)), dtype=s.dtype, device=device) for s in self.specs]
 
-    def state_bytes(self, batch: int = 1) -> int:
-        return sum(batch * torch.Size(s.shape).numel() * torch.empty((), dtype=s.dtype).element_size()
+    @staticmethod
+    def concrete(spec: StateSpec, past: int) -> tuple[int, ...]:
+        return tuple(past if d == PAST else d for d in spec.shape)
+
+    def state_bytes(self, batch: int = 1, past: int = 0) -> int:
+        """Bytes of state for ``batch`` sequences; softmax layers' KV caches counted at ``past`` slots."""
+        return sum(batch * torch.Size(self.concrete(s, past)).numel() * torch.empty((), dtype=s.dtype).element_size()
                    for s in self.specs)
+
+    def kv_bytes_per_token(self, batch: int = 1) -> int:
+        """How much the softmax layers' KV caches grow per token (0 when every layer is linear)."""
+        return self.state_bytes(batch, past=1) - self.state_bytes(batch, past=0)
 
 
 def _window(layout: StateLayout, idx: int) -> int:
-    return max(dict(layout.layers)[idx].window - 1, 0)
+    """Window slots of linear layer ``idx`` (0 for a softmax layer)."""
+    unit = dict(layout.layers).get(idx)
+    return max(unit.window - 1, 0) if unit is not None else 0
 
 
 class StatefulLM(nn.Module):
@@ -111,9 +156,17 @@ class StatefulLM(nn.Module):
         for spec, tensor in zip(self.layout.specs, state):
             by_layer.setdefault(spec.layer, {})[spec.kind] = tensor
         layers = []
-        valid = None
+        window_valid = past_valid = None
         for idx in range(self.layout.n_layers):
             parts = by_layer[idx]
+            if "keys" in parts:                       # a softmax layer: its own KV cache
+                layer = DynamicLayer()
+                layer.is_initialized = True
+                layer.dtype, layer.device = parts["keys"].dtype, parts["keys"].device
+                layer.keys, layer.values = parts["keys"], parts["values"]
+                past_valid = parts["valid"]
+                layers.append(layer)
+                continue
             w = _window(self.layout, idx)
             layer = LinearAttentionAndSlidingWindowAttentionLayer(sliding_window=max(w + 1, 2))
             layer.is_initialized = True
@@ -121,7 +174,7 @@ class StatefulLM(nn.Module):
             if w:
                 layer.keys, layer.values = parts["window_keys"], parts["window_values"]
                 layer.cumulative_length = w
-                valid = parts["window_valid"]
+                window_valid = parts["window_valid"]
             else:
                 unit = dict(self.layout.layers)[idx]
                 empty = parts["recurrent"].new_zeros((parts["recurrent"].shape[0], unit.layout.n_kv_heads, 0,
@@ -131,17 +184,22 @@ class StatefulLM(nn.Module):
             layer.is_recurrent_states_initialized[0] = True
             layer.has_previous_state[0] = True
             layers.append(layer)
-        return Cache(layers=layers), valid
+        # the softmax caches' key axis ends with the window slots (see the module docstring)
+        return Cache(layers=layers), past_valid if past_valid is not None else window_valid
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *state: Tensor
                 ) -> tuple[Tensor, ...]:
-        cache, window_valid = self._cache(state)
+        cache, past_valid = self._cache(state)
         new_valid = attention_mask.bool()
-        key_valid = new_valid if window_valid is None else torch.cat([window_valid, new_valid], dim=1)
+        key_valid = new_valid if past_valid is None else torch.cat([past_valid, new_valid], dim=1)
         n_new, n_keys = input_ids.shape[1], key_valid.shape[1]
         # query t (absolute key index n_keys - n_new + t) sees valid keys up to itself
         causal = torch.ones(n_new, n_keys, dtype=torch.bool, device=input_ids.device).tril(n_keys - n_new)
         mask = key_valid[:, None, None, :] & causal[None, None]
+        if self.layout.softmax_layers:
+            # additive form for the original attention (eager adds it; a fully padded query row stays finite)
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          cache=cache, use_cache=True)
         new_state = []
@@ -150,10 +208,12 @@ class StatefulLM(nn.Module):
             w = _window(self.layout, spec.layer)
             if spec.kind == "recurrent":
                 new_state.append(layer.recurrent_states[0])
-            elif spec.kind == "window_keys":
-                new_state.append(layer.keys[..., -w:, :])
-            elif spec.kind == "window_values":
-                new_state.append(layer.values[..., -w:, :])
+            elif spec.kind in ("keys", "window_keys"):
+                new_state.append(layer.keys if spec.kind == "keys" else layer.keys[..., -w:, :])
+            elif spec.kind in ("values", "window_values"):
+                new_state.append(layer.values if spec.kind == "values" else layer.values[..., -w:, :])
+            elif spec.kind == "valid":
+                new_state.append(key_valid)
             else:
                 new_state.append(key_valid[:, -w:])
         return (out.logits, *new_state)

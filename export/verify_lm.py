@@ -60,6 +60,7 @@ class LMVerifyReport:
     prefill_ms: dict[str, float] = field(default_factory=dict)
     decode_ms_per_token: float = 0.0
     state_bytes_per_sequence: int = 0
+    kv_cache_bytes_per_token: int = 0       # layers kept as softmax attention; 0 when all are linear
     peak_rss_mib: float = 0.0
     atol: float = 1e-4
     rtol: float = 1e-3
@@ -83,7 +84,9 @@ class LMVerifyReport:
         lines += ["", f"- decode vs prefill inside ORT: max abs {self.decode_vs_prefill_max_abs:.3e}",
                   f"- greedy agreement with PyTorch: {self.greedy_agreement:.1%} of {self.greedy_tokens} tokens",
                   f"- prefill latency (ms): {self.prefill_ms}", f"- decode step: {self.decode_ms_per_token:.2f} ms",
-                  f"- decode state: {self.state_bytes_per_sequence:,} bytes per sequence (constant in context)",
+                  f"- decode state: {self.state_bytes_per_sequence:,} bytes per sequence " + (
+                      f"+ {self.kv_cache_bytes_per_token:,} bytes per token of context (softmax layers' KV cache)"
+                      if self.kv_cache_bytes_per_token else "(constant in context)"),
                   f"- peak RSS: {self.peak_rss_mib:.0f} MiB",
                   f"- onnxruntime graph optimization levels: {self.ort_levels}"]
         if self.first_failure:
@@ -131,6 +134,7 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
     vocab = model.config.vocab_size
     rng = torch.Generator().manual_seed(seed)
     report = LMVerifyReport(atol=atol, rtol=rtol, state_bytes_per_sequence=gen.state_bytes(),
+                            kv_cache_bytes_per_token=gen.state_bytes(context=1) - gen.state_bytes(),
                             ort_levels=dict(gen.levels))
     names = ["logits"] + [s["name"] for s in gen.state_specs]
     for batch, length in shapes or [(1, 37), (3, 100), (2, 200)]:

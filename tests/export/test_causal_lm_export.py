@@ -102,3 +102,38 @@ def test_linearized_encoder_exports_one_forward_graph(tmp_path):
     report = surgeon.export.verify(tmp_path / "bert", model, atol=1e-4)
     assert report.passed and report.max_abs <= 1e-5
     assert all(row.input_shapes["input_ids"] != [2, 24] for row in report.rows)
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    """Layer 0 stays softmax attention (as ``layers=`` or distillation's ``keep_softmax`` leave it)."""
+    model = surgeon.apply(tiny_llama(), LinearizeAttention(feature_map="hedgehog", window=8, layers=[1])).model
+    out = tmp_path_factory.mktemp("hybrid")
+    return model, out, surgeon.export.to_onnx(model, out)
+
+
+def test_softmax_layers_export_with_a_kv_cache_of_their_own(hybrid):
+    model, out, result = hybrid
+    assert result.manifest.exporter["softmax_layers"] == [0]
+    decode = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in decode.graph.input}
+    assert dims["state_in.0.keys"] == ["batch", 2, "past", 8] and dims["state_in.0.valid"] == ["batch", "past"]
+    assert all(isinstance(s, int) for s in dims["state_in.1.recurrent"][1:])
+    report = surgeon.export.verify(out, model)
+    assert report.passed and report.max_abs <= 1e-4 and report.decode_vs_prefill_max_abs <= 1e-4
+    assert report.greedy_agreement == 1.0 and report.kv_cache_bytes_per_token == 2 * 2 * 8 * 4 + 1
+
+
+def test_softmax_kv_cache_grows_with_the_context_and_the_linear_state_does_not(hybrid):
+    model, out, _ = hybrid
+    gen = surgeon.export.OnnxGenerator(out)
+    names = [s["name"] for s in gen.state_specs]
+    for length in (10, 300):
+        _, state = gen.run_prefill(torch.randint(0, VOCAB, (1, length)))
+        by_name = dict(zip(names, state))
+        past = 7 + length + (-length) % 64                       # window - 1 pad slots + the padded prompt
+        assert by_name["state.0.keys"].shape == (1, 2, past, 8)
+        assert by_name["state.1.recurrent"].shape == (1, 6, 16, 9)
+        assert sum(s.nbytes for s in state) == gen.state_bytes(context=past)
+        logits, state = gen.run_decode(np.array([[3]]), np.array([[length]]), state)
+        assert dict(zip(names, state))["state.0.keys"].shape[2] == past + 1 and np.isfinite(logits).all()
