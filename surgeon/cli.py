@@ -150,9 +150,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0 if result["verify"]["passed"] else 1
     from surgeon.demo_llm import run_llm_demo
 
-    run_llm_demo(args.out, window=args.window, feature_map=args.feature_map,
-                 distill_minutes=0.0 if args.no_distill else args.distill_minutes)
-    return 0
+    result = run_llm_demo(args.out, window=args.window, feature_map=args.feature_map,
+                          distill_minutes=0.0 if args.no_distill else args.distill_minutes,
+                          export=not args.no_export)
+    onnx = result.get("onnx")
+    return 1 if onnx is not None and not onnx["verify_passed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-minutes", type=float, default=8.0,
                    help="smollm2: budget of the quick distillation (attention transfer + LoRA), ppl before/after")
     p.add_argument("--no-distill", action="store_true", help="smollm2: skip the distillation step (fast demo)")
+    p.add_argument("--no-export", action="store_true",
+                   help="smollm2: skip ONNX export + onnxruntime verification and generation (saves minutes)")
     p.add_argument("--min-fraction", type=float, default=0.95,
                    help="efficientnet_lite0: linearize channels whose ReLU6 is linear on at least this fraction "
                         "of calibration data")
