@@ -114,6 +114,17 @@ class LinearizeAttentionHandler(PassHandler):
                               f"{min(by_layer)}..{max(by_layer)} ({len(by_layer)} layers)")
         return [by_layer[i] for i in sorted(config.layers)]
 
+    def needs_recipe(self, config: LinearizeAttention) -> str | None:
+        """Why a compile backend must load this config's new parameters from a recipe (None: they need no training)."""
+        trained = []
+        if config.feature_map == "hedgehog":
+            trained.append("hedgehog feature maps")
+        if config.window > 0:
+            trained.append("softmax-window mixing factors")
+        if config.gate == "learned":
+            trained.append("learned gates")
+        return ", ".join(trained) + " are trained by distillation" if trained else None
+
     def _plan_fx(self, model: nn.Module, config: LinearizeAttention, ctx: PassContext) -> Plan:
         from surgeon.passes.attention_fx import plan_fx_attention
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -54,7 +55,6 @@ from surgeon.fx_graph import (
     finish_graph,
     free_attr_name,
     node_shape,
-    propagate_shapes,
     trace,
 )
 from surgeon.pass_api import PassContext, match_recorded
@@ -561,7 +561,7 @@ def _dead_nodes(gm: fx.GraphModule, match: AttentionMatch) -> list[fx.Node]:
         candidates.add(n)
         stack.extend(n.all_input_nodes)
     for n in reversed(gm.graph.nodes):
-        if n in candidates and all(u in dead or _is(u, ag.ASSERTS) for u in n.users) and not n.is_impure():
+        if n in candidates and all(u in dead or _is(u, ag.ASSERTS) for u in n.users) and not _impure(n):
             dead.add(n)
     return [n for n in gm.graph.nodes if n in dead]
 
@@ -639,16 +639,36 @@ class _Capture(fx.Interpreter):
         return out
 
 
-def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], nodes: set[fx.Node]) -> dict[fx.Node, Any]:
+@contextlib.contextmanager
+def _eval_mode(gm: fx.GraphModule) -> Iterator[None]:
+    """Eval mode while planning, modes restored (a ``torch.export`` module keeps the mode it was exported in)."""
     modes = {m: m.training for m in gm.modules()}
     try:
-        gm.eval()
-        with torch.no_grad():
-            interp = _Capture(gm, nodes)
-            interp.run(*example_inputs)
+        with contextlib.suppress(NotImplementedError):
+            gm.eval()
+        yield
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def concrete_inputs(example_inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Example inputs with dynamo's symbolic sizes (a dynamic graph's ``SymInt`` inputs) as plain ints."""
+    return tuple(int(v) if isinstance(v, torch.SymInt) else v for v in example_inputs)
+
+
+def _propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with _eval_mode(gm), torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+
+
+def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], nodes: set[fx.Node]) -> dict[fx.Node, Any]:
+    with _eval_mode(gm):
+        with torch.no_grad():
+            interp = _Capture(gm, nodes)
+            interp.run(*example_inputs)
     return interp.values
 
 
@@ -662,7 +682,8 @@ def state_placeholders(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> set
     state = set()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
-        source = str(getattr(getattr(node.meta.get("grapharg"), "source", None), "name", lambda: "")())
+        name = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", "")
+        source = str(name() if callable(name) else name)
         if isinstance(value, nn.Parameter) or not isinstance(value, torch.Tensor) or \
                 "_buffers" in source or "_parameters" in source or \
                 node.name.startswith(("l_self_buffers_", "l_self_parameters_")) or "_buffers_" in node.name:
@@ -835,6 +856,8 @@ def _check_site(name: str, data: dict[str, Any], config: LinearizeAttention) -> 
 def _select_layers(found: list[Site], chosen: list[Site], layers: list[int] | None) -> list[Site]:
     if layers is None:
         return chosen
+    if found and all("layer" in s.data for s in found):  # Hugging Face modules: by decoder-layer index
+        return [s for s in chosen if s.data["layer"] in set(layers)]
     bad = [i for i in layers if not 0 <= i < len(found)]
     if bad:
         raise ConfigError(f"LinearizeAttention.layers {bad} out of range: the model has {len(found)} attention "
@@ -848,8 +871,21 @@ def _select_layers(found: list[Site], chosen: list[Site], layers: list[int] | No
 
 
 def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site]) -> None:
+    """Where each unit goes: the path a recipe recorded; on a graph without a module at a site's
+    attention module (dynamo), that module's path itself, so the unit's parameters take the names the
+    eager (module-swap) surgery gave them (``model.layers.0.self_attn.feature_q.weight``); else a free
+    ``<scope>.linear_attention``."""
     taken: set[str] = set()
     for site in sites:
+        recorded = site.data.get("unit")
+        if isinstance(recorded, str) and recorded not in taken and _free_path(gm, recorded):
+            taken.add(recorded)
+            continue
+        module = site.data.get("module")
+        if site.data.get("named_by_module") and module and module not in taken and _free_path(gm, module):
+            taken.add(module)
+            site.data["unit"] = module
+            continue
         try:
             owner = gm.get_submodule(site.scope) if site.scope else gm
         except AttributeError:
@@ -862,21 +898,65 @@ def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site]) -> None:
         site.data["unit"] = path
 
 
+def _free_path(gm: fx.GraphModule, path: str) -> bool:
+    """No module or attribute at ``path`` in ``gm`` yet (a unit can be placed there)."""
+    owner: Any = gm
+    for part in path.split("."):
+        if not hasattr(owner, part):
+            return True
+        owner = getattr(owner, part)
+    return False
+
+
+def graph_inputs(gm: fx.GraphModule) -> tuple[Any, ...] | None:
+    """The example values dynamo recorded for a backend graph's placeholders (None for other graphs)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args = [n.meta.get("grapharg") for n in placeholders]
+    if not placeholders or any(a is None for a in args):
+        return None
+    try:
+        values = tuple(a.example for a in args)
+    except Exception:  # noqa: BLE001 - an erased example (the graph was already compiled)
+        return None
+    return None if any(v is None for v in values) else values
+
+
+def _transformers_scope(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """Class name of the node's module when it comes from transformers (the module-swap path names such
+    a site by the module's path), else None."""
+    t = graph_patterns.module_type(node, gm)
+    qualified = f"{t.__module__}.{t.__qualname__}" if isinstance(t, type) else (t or "")
+    return qualified.rpartition(".")[2] if qualified.startswith("transformers.") else None
+
+
 def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassContext) -> Plan:
     """Trace ``model``, find its attention call sites and choose the ones ``config`` selects.
 
     Sites are named by the scope of the softmax / SDPA call (``blocks.0.attn.sdpa``,
     ``blocks.1.attn.softmax``, an ``nn.Softmax`` module by its path; ``@1``, ``@2``… for further calls
     in the same scope). ``config.layers`` indexes the matches in graph order. Nothing is changed.
+
+    ``model`` may be a graph dynamo handed a ``torch.compile`` backend or a ``torch.export`` graph;
+    attention inside a Hugging Face module (whose forward dynamo / export inlined) is then named by that
+    module's path (``model.layers.0.self_attn``, op = its class), as the module-swap path names it, so a
+    recipe saved from the eager surgery supplies the trained parameters (``surgeon.backend(recipe=...)``).
+    ``ctx.notes`` (set by ``surgeon.backend``): ``allow_empty`` (no attention: an empty plan),
+    ``name_offsets`` (site bases counted in earlier graphs), ``recipe`` (sites come from a recipe).
     """
-    if ctx.example_inputs is None:
+    inputs = ctx.example_inputs
+    if inputs is None and isinstance(model, fx.GraphModule):
+        inputs = graph_inputs(model)
+    if inputs is None:
         raise ConfigError(f"LinearizeAttention on hand-written attention ({type(model).__name__} is rewritten as a "
                           "traced graph) needs example_inputs to read the head count, head size and masks: "
                           "surgeon.apply(model, LinearizeAttention(...), example_inputs=(x,))")
     gm = trace_for_attention(model, config.leaf_modules)
-    propagate_shapes(gm, ctx.example_inputs)
+    inputs = concrete_inputs(inputs)
+    _propagate(gm, inputs)
     skipped: list[str] = []
     matches = find_attention(gm, skipped)
+    if not matches and ctx.notes.get("allow_empty"):
+        return Plan([], {"gm": gm, "matches": {}, "bases": [], "skipped": skipped})
     if not matches:
         types = _describe_types(model)
         hint = ""
@@ -889,28 +969,36 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
             f"no softmax(q @ kᵀ · s) @ v or F.scaled_dot_product_attention call in its traced graph (module types: "
             f"{types}).{hint}{why}"
         )
-    bases = [_base_name(m, gm) for m in matches]
-    seen: Counter[str] = Counter()
+    owners = [_transformers_scope(m.anchor, gm) for m in matches]
+    scopes = [graph_patterns.module_scope(m.anchor, gm) for m in matches]
+    bases = [scope if owner and scope else _base_name(m, gm) for m, owner, scope in zip(matches, owners, scopes)]
+    seen: Counter[str] = Counter(ctx.notes.get("name_offsets") or {})
     found, by_name = [], {}
-    for match, base in zip(matches, bases):
+    for match, base, owner, scope in zip(matches, bases, owners, scopes):
         k = seen[base]
         seen[base] += 1
         name = base if k == 0 else f"{base}@{k}"
         by_name[name] = match
-        scope = graph_patterns.module_scope(match.anchor, gm)
-        found.append(Site(name=name, base=base, kind="fx", op=match.kind, scope=scope,
-                          node=match.anchor.name, shape=node_shape(match.output),
-                          data={"index": len(found), "module": scope}))
+        data: dict[str, Any] = {"index": len(found), "module": scope}
+        if owner and scope:
+            data["named_by_module"] = True
+            numbers = re.findall(r"\.(\d+)(?:\.|$)", "." + scope)
+            if numbers:
+                data["layer"] = int(numbers[-1])
+        found.append(Site(name=name, base=base, kind="fx", op=owner if owner and scope else match.kind,
+                          scope=scope, node=match.anchor.name, shape=node_shape(match.output), data=data))
     if ctx.recorded_sites is not None:
         sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
+    elif ctx.notes.get("recipe"):
+        sites = found  # the backend keeps the recipe's sites among these, then plans again with them
     else:
         chosen = select_sites(found, config.targets, config.exclude, config.filter_fn,
                               resolve_module=lambda s: _resolve(model, s), what="attention site")
         sites = _select_layers(found, chosen, config.layers)
     wanted = {n for s in sites for n, _ in by_name[s.name].masks}
     wanted |= {v for s in sites for v, _ in by_name[s.name].scale_terms if isinstance(v, fx.Node)}
-    values = _capture(gm, ctx.example_inputs, wanted) if wanted else {}
-    state = state_placeholders(gm, ctx.example_inputs)
+    values = _capture(gm, inputs, wanted) if wanted else {}
+    state = state_placeholders(gm, inputs)
     for site in sites:
         recorded = dict(site.data)
         data = _site_data(by_name[site.name], values, model, config, site.name, state)
@@ -919,7 +1007,8 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
         _check_site(site.name, data, config)
         site.data = {**recorded, **data}
     _assign_unit_paths(gm, sites)
-    return Plan(sites, {"gm": gm, "matches": {s.name: by_name[s.name] for s in sites}})
+    return Plan(sites, {"gm": gm, "matches": {s.name: by_name[s.name] for s in sites}, "bases": bases,
+                        "skipped": skipped})
 
 
 def _resolve(model: nn.Module, site: Site) -> nn.Module | None:
@@ -946,6 +1035,11 @@ def _scale_arg(gm: fx.GraphModule, match: AttentionMatch, before: fx.Node) -> An
     return value
 
 
+def _impure(n: fx.Node) -> bool:
+    """Side effects that keep an unused node (ATen SDPA and dropout count as impure: random when training)."""
+    return n.is_impure() and not (ag.is_sdpa(n) or graph_patterns.is_op(n, "dropout"))
+
+
 def _erase_dead(gm: fx.GraphModule, start: fx.Node) -> None:
     stack = [start]
     while stack:
@@ -954,7 +1048,7 @@ def _erase_dead(gm: fx.GraphModule, start: fx.Node) -> None:
             continue
         for check in [u for u in n.users if _is(u, ag.ASSERTS)]:  # export's metadata checks of a dead value
             gm.graph.erase_node(check)
-        if n.users or n.op in ("placeholder", "output") or n.is_impure():
+        if n.users or n.op in ("placeholder", "output") or _impure(n):
             continue
         inputs = list(n.all_input_nodes)
         gm.graph.erase_node(n)
@@ -1002,7 +1096,10 @@ def rewrite_fx_attention(model: nn.Module, config: LinearizeAttention, plan: Pla
     units = [build_unit(site, config) for site in plan.sites]  # a failure here changes nothing
     for site, unit in zip(plan.sites, units):
         rewrite_site(gm, matches[site.name], site, unit)
-    return finish_graph(gm, ctx.example_inputs)
+    finish_graph(gm)
+    if ctx.example_inputs is not None:
+        _propagate(gm, concrete_inputs(ctx.example_inputs))
+    return gm
 
 
 def report_fx_attention(model: nn.Module, config: LinearizeAttention, plan: Plan, ctx: PassContext) -> Report:

@@ -52,6 +52,10 @@ MODULE_IDS_META = "surgeon_module_ids"
 #: started inside a submodule, after a graph break); nodes with an empty ``nn_module_stack`` are there.
 FRAME_SCOPE_META = "surgeon_frame_scope"
 
+#: gm.meta key: the eager model a ``torch.export`` graph was made from (``to_onnx(passes=...)``
+#: sets it), so a pass can read attributes of modules the export inlined (a ``MaskedReLU``'s kind).
+SOURCE_MODEL_META = "surgeon_source_model"
+
 _aten = torch.ops.aten
 
 
@@ -282,7 +286,8 @@ def is_inplace(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
 
 # ---------------------------------------------------------------------------------------------- where a node came from
 
-_DYNAMO_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+# the compiled frame's root: L['self'], or L['args'][0] when a decorator wraps forward(self, ...)
+_DYNAMO_ROOT = re.compile(r"^L\['[^']*'\](\[\d+\])?\.?")
 _DYNAMO_INDEX = re.compile(r"\[(\d+)\]")
 _DYNAMO_KEY = re.compile(r"\._modules\['([^']+)'\]|\['([^']+)'\]")
 
