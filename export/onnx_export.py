@@ -75,7 +75,10 @@ def model_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` (every submodule) in eval mode; restore each module's own flag on exit."""
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        try:
+            model.eval()
+        except NotImplementedError:   # a torch.export module(): its graph is fixed to one mode already
+            pass
         yield model
     finally:
         for m, flag in flags:
@@ -138,6 +141,9 @@ class ExportResult:
     manifest: Manifest
     seconds: float
     ort: Any = None
+    #: ``to_onnx(passes=...)``: the surgery on the torch.export program (``.model`` is what was
+    #: converted, the reference for ``verify``; ``.report`` what the passes changed)
+    surgery: Any = None
 
     def __str__(self) -> str:
         lines = [f"exported {self.onnx_path.parent if len(self.manifest.graphs) > 1 else self.onnx_path} "
@@ -418,6 +424,7 @@ def to_onnx(
     overwrite: bool = False,
     ort_optimize: bool | str | Sequence[str] | Mapping[str, Any] = False,
     save_optimized: bool | str = False,
+    passes: Sequence[Any] | None = None,
 ) -> ExportResult:
     """Export ``model`` to ONNX (dynamo exporter) and write a manifest next to the graph.
 
@@ -434,6 +441,11 @@ def to_onnx(
     that keeps parity in the manifest; ``save_optimized`` (``True`` = ``"extended"``, or a level) also
     writes the onnxruntime-optimized graph. A linearized causal LM exports as prefill + decode graphs
     (:func:`surgeon.export.export_causal_lm`) and needs no ``example_inputs``.
+
+    ``passes`` (surgeon pass configs) are applied to the ``torch.export`` program's graph (ATen ops)
+    before conversion, e.g. ``[LinearizeReLU(init=0.0)]`` or ``[FinalizeReLU()]`` on a surgered
+    model; ``result.surgery.model`` is the rewritten module (verify against it) and the manifest
+    lists the sites under ``exporter["graph_passes"]``.
 
     Example:
         >>> import torch, surgeon.export
@@ -472,7 +484,7 @@ def to_onnx(
     try:
         with model_eval_mode(model):
             return _export(model, dest, inputs, dynamic_axes, input_names, output_names, opset,
-                           recipe, t0, ort_kwargs)
+                           recipe, t0, ort_kwargs, passes)
     except BaseException:
         _rollback(dest)
         raise
@@ -491,7 +503,7 @@ def _export(
     model: nn.Module, dest: _Destination, inputs: tuple[Tensor, ...],
     dynamic_axes: Mapping[str, Any] | None, input_names: list[str],
     output_names: list[str] | None, opset: int | None, recipe: dict | None, t0: float,
-    ort_kwargs: dict[str, Any] | None = None,
+    ort_kwargs: dict[str, Any] | None = None, passes: Sequence[Any] | None = None,
 ) -> ExportResult:
     import onnx
 
@@ -527,6 +539,13 @@ def _export(
     dynamic_shapes = tuple(
         {d: dims[n] for d, n in in_axes[name].items()} if name in in_axes else None
         for name in input_names)
+
+    graph_surgery = None
+    if passes:   # graph passes on the torch.export program; its rewritten module is what we convert
+        from surgeon.export.graph_passes import export_program_passes
+
+        graph_surgery = export_program_passes(model, inputs, dynamic_shapes if in_axes else None, passes)
+        model = graph_surgery.model
 
     onnx_file = dest.staging / dest.onnx_name
     try:
@@ -593,7 +612,9 @@ def _export(
         versions=versions(),
         exporter={"api": "torch.onnx.export", "dynamo": True, "opset_requested": opset,
                   "original_example_shapes": dict(zip(input_names, orig_shapes)),
-                  "export_seconds": round(seconds, 3)},
+                  "export_seconds": round(seconds, 3),
+                  **({"graph_passes": [{"pass": e.pass_name, "sites": [st.name for st in e.sites]}
+                                       for e in graph_surgery.recipe.entries]} if graph_surgery else {})},
         recipe=recipe)
     manifest.save(dest.staging / dest.manifest_name)
     ort_report = None
@@ -607,7 +628,8 @@ def _export(
     manifest.root = dest.final_dir.resolve()
     return ExportResult(onnx_path=dest.final_dir / dest.onnx_name,
                         manifest_path=dest.final_dir / dest.manifest_name,
-                        manifest=manifest, seconds=time.perf_counter() - t0, ort=ort_report)
+                        manifest=manifest, seconds=time.perf_counter() - t0, ort=ort_report,
+                        surgery=graph_surgery)
 
 
 def ort_optimize_kwargs(ort_optimize: Any, save_optimized: bool | str = False) -> dict[str, Any] | None:
