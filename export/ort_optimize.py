@@ -497,18 +497,22 @@ def optimize(
     staging = None
     try:
         if save_level is not None:
-            staging = Path(tempfile.mkdtemp(prefix=".ort-save-", dir=manifest.root))
-            if save_level in ("layout", "all"):
-                warnings.warn(f"saving onnxruntime-optimized graphs at level {save_level!r}: they may contain "
-                              "hardware-specific fused operators; save at 'extended' for a portable graph",
-                              stacklevel=2)
             bad = [r for r in results if r.level == save_level and not r.passed]
             if bad:
                 raise VerificationError(f"level {save_level!r} breaks parity for {[r.graph for r in bad]}; "
                                         "not saving it. Save at a level that passes (see the report).", report)
+            if save_level in ("layout", "all"):
+                warnings.warn(f"saving onnxruntime-optimized graphs at level {save_level!r}: they may contain "
+                              "hardware-specific fused operators; save at 'extended' for a portable graph",
+                              stacklevel=2)
+            staging = Path(tempfile.mkdtemp(prefix=".ort-save-", dir=manifest.root))
             for gname, gcases in cases.items():
                 report.saved[gname] = _save(manifest, gname, save_level, gcases, refs[gname], atol, rtol,
                                             threads, providers, staging)
+            broken = [g for g, info in report.saved.items() if not info["passed"]]
+            if broken:
+                raise VerificationError(f"the saved {save_level!r}-optimized graphs of {broken} do not match the "
+                                        f"{report.reference} reference; nothing was saved", report)
         if record:
             for gname, level in best.items():
                 manifest.graphs[gname].ort_level = level
