@@ -116,6 +116,10 @@ class CompileReport:
     recompiles_per_frame: dict[int, int]
     recompile_limit_hits: int             # frames dynamo stopped compiling (they then run eagerly)
     warnings: list[str]
+    #: per pass, sites of the eager model (known when the backend got ``model=``) that no compiled
+    #: graph contained: dynamo ran their frame eagerly (a graph break inside a loop, a skipped
+    #: frame), so they were NOT rewritten
+    missed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def changed(self) -> int:
@@ -146,7 +150,7 @@ class CompileReport:
                 "recompilations": self.recompilations,
                 "recompiles_per_frame": {str(k): v for k, v in self.recompiles_per_frame.items()},
                 "recompile_limit_hits": self.recompile_limit_hits, "changed": self.changed,
-                "warnings": self.warnings}
+                "missed": self.missed, "warnings": self.warnings}
 
 
 class _RecipeWeights:
@@ -231,6 +235,7 @@ class SurgeonBackend:
             if mismatch:
                 raise RecipeError(f"recipe {self.recipe.directory} does not fit this model: {mismatch}")
         self._check_recipe_needs(model)
+        self.expected = self._expected_sites(model) if model is not None else {}
         self._running: list[Counter] = [Counter() for _ in self.passes]
         self._frame_offsets: dict[int, list[Counter]] = {}
         self.graphs: list[fx.GraphModule] = []
@@ -261,6 +266,18 @@ class SurgeonBackend:
                 + ". Train it eagerly (surgeon.apply + training), save it with surgeon.save(surgery, DIR), then "
                   "compile with surgeon.compile(model, ..., recipe=DIR) or surgeon.backend(..., recipe=DIR). "
                   "Nothing was changed.")
+
+    def _expected_sites(self, model: nn.Module) -> dict[str, list[str]]:
+        """Per pass, the sites a dry plan finds on the eager model (skipped when it does not trace)."""
+        out: dict[str, list[str]] = {}
+        for p in self.passes:
+            try:
+                plan = handler_for(p).plan(model, p, PassContext(notes={"sites_only": True, "allow_empty": True,
+                                                                        "recipe": True}))
+            except Exception:  # noqa: BLE001 - untraceable model, or a pass that needs earlier passes
+                continue
+            out.setdefault(p.pass_name, plan.names)
+        return out
 
     @staticmethod
     def _dry_sites(model: nn.Module | None, config: PassConfig) -> str:
@@ -422,12 +439,21 @@ class SurgeonBackend:
                 per_frame[r.frame] += 1
         hits = self._limit_hits() - self._limit_at_start
         notes = list(self._warnings)
+        missed: dict[str, list[str]] = {}
+        if self.records:
+            for pass_name, names in self.expected.items():
+                seen = {n for r in self.records for n in r.sites.get(pass_name, []) + r.skipped.get(pass_name, [])}
+                lost = [n for n in names if n not in seen]
+                if lost:
+                    missed[pass_name] = lost
+                    notes.append(f"{pass_name}: sites {lost[:8]} were in no compiled graph (dynamo ran their code "
+                                 f"eagerly: a graph break inside a loop, or a skipped frame); they were NOT rewritten")
         if hits:
             notes.append(f"{hits} frame(s) hit dynamo's recompile_limit and now run eagerly, without the surgery")
         return CompileReport(
             graphs=list(self.records), graph_breaks={_short(r): c for r, c in breaks.items()},
             recompilations=sum(per_frame.values()), recompiles_per_frame=dict(per_frame),
-            recompile_limit_hits=hits, warnings=notes)
+            recompile_limit_hits=hits, warnings=notes, missed=missed)
 
     def explain(self, model: nn.Module, *inputs: Any) -> list[str]:
         """Graph breaks of ``model`` on ``inputs`` as ``torch._dynamo.explain`` lists them (reason + where)."""
