@@ -19,6 +19,12 @@ Prints a table, writes ``benchmarks/results/compile.json`` and ``compile.png``.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+
+# a fresh inductor cache per run, so the compile times are cold (not a previous run's cache hits)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="surgeon-inductor-"))
+
 import argparse
 import json
 import platform
@@ -63,6 +69,12 @@ def _graph_breaks() -> dict[str, Any]:
     return {"count": int(sum(reasons.values())), "reasons": [str(r)[:200] for r in list(reasons)[:10]]}
 
 
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _export_dir(work: Path, linear: torch.nn.Module) -> Path:
     for cand in (work / "linear_onnx", Path("out/long_context/linear_onnx")):
         if (cand / "manifest.json").is_file():
@@ -97,6 +109,8 @@ def main() -> None:
     parser.add_argument("--compiled-max", type=int, default=1 << 20, help="skip inductor prefill above this length")
     parser.add_argument("--eager-max", type=int, default=1 << 20, help="skip eager prefill above this length")
     parser.add_argument("--no-inductor", action="store_true")
+    parser.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
+                        help="torch.compile's dynamic= for prefill (auto: static first, dynamic after a length change)")
     parser.add_argument("--recheck-levels", action="store_true", help="redo the onnxruntime level check")
     parser.add_argument("--workdir", default="out/compile_bench")
     parser.add_argument("--out", default=str(RESULTS / "compile.json"))
@@ -121,9 +135,10 @@ def main() -> None:
 
     prefill_eager, decode_eager = PrefillLM(linear).eval(), DecodeLM(linear).eval()
     compiled: dict[str, Any] = {}
-    inductor_error: str | None = None
+    errors: dict[str, str] = {}                  # phase -> first lines of the inductor error
     if not args.no_inductor:
-        compiled = {"prefill": torch.compile(PrefillLM(linear).eval(), backend="inductor", dynamic=False),
+        dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
+        compiled = {"prefill": torch.compile(PrefillLM(linear).eval(), backend="inductor", dynamic=dynamic),
                     "decode": torch.compile(DecodeLM(linear).eval(), backend="inductor", dynamic=False)}
 
     rows: list[dict[str, Any]] = []
@@ -140,20 +155,22 @@ def main() -> None:
                 ref_logits, states[n] = out[0][0, -1].clone(), [t.clone() for t in out[1:]]
                 del out
                 row["eager_s"] = _median_s(lambda: prefill_eager(ids, mask), repeats)
-            if compiled and inductor_error is None and n <= args.compiled_max:
+            if compiled and "prefill" not in errors and n <= args.compiled_max:
                 try:
+                    graphs = _unique_graphs()
                     start = time.perf_counter()
                     out = compiled["prefill"](ids, mask)
                     first = time.perf_counter() - start
                     row["inductor_s"] = _median_s(lambda: compiled["prefill"](ids, mask), repeats)
                     row["inductor_compile_s"] = max(first - row["inductor_s"], 0.0)
+                    row["inductor_new_graphs"] = _unique_graphs() - graphs
                     if ref_logits is not None:
                         row["inductor_max_abs"] = float((out[0][0, -1] - ref_logits).abs().max())
                     del out
                 except Exception as e:  # recorded and reported, never hidden
-                    inductor_error = _error_lines(e)
+                    errors["prefill"] = f"at {n} tokens: {_error_lines(e)}"
                     row["inductor_s"] = "error"
-                    tqdm.write(f"inductor failed at {n} tokens:\n{inductor_error}\n{traceback.format_exc()[-2000:]}")
+                    tqdm.write(f"inductor failed at {n} tokens:\n{errors['prefill']}\n{traceback.format_exc()[-2000:]}")
         logits, state = gen.run_prefill(ids, mask)
         row["ort_s"] = _median_s(lambda: gen.run_prefill(ids, mask), repeats)
         if ref_logits is not None:
@@ -188,19 +205,22 @@ def main() -> None:
 
         with torch.no_grad():
             row["eager_ms"], ref_logits = run_torch(decode_eager)
-            if compiled and inductor_error is None:
+            if compiled and "decode" not in errors:
                 try:
-                    state = list(states[ctx])
+                    # warm-up: the first call takes the prefill's state, the second a decode output (other
+                    # strides: dynamo compiles once more); later steps and contexts reuse both graphs
+                    graphs = _unique_graphs()
                     start = time.perf_counter()
-                    compiled["decode"](tokens[:, :1], torch.tensor([[ctx]]), *state)
-                    first = time.perf_counter() - start
+                    out = compiled["decode"](tokens[:, :1], torch.tensor([[ctx]]), *states[ctx])
+                    compiled["decode"](tokens[:, 1:2], torch.tensor([[ctx + 1]]), *out[1:])
+                    row["inductor_warmup_s"] = time.perf_counter() - start
                     row["inductor_ms"], logits = run_torch(compiled["decode"])
-                    row["inductor_first_call_s"] = first           # compiles once: the state shape never changes
+                    row["inductor_new_graphs"] = _unique_graphs() - graphs
                     row["inductor_max_abs"] = float((logits - ref_logits).abs().max())
                 except Exception as e:
-                    inductor_error = _error_lines(e)
+                    errors["decode"] = f"at context {ctx}: {_error_lines(e)}"
                     row["inductor_ms"] = "error"
-                    tqdm.write(f"inductor decode failed:\n{inductor_error}")
+                    tqdm.write(f"inductor decode failed:\n{errors['decode']}")
         state, times = [s.numpy() for s in states[ctx]], []
         for t in range(args.steps):
             start = time.perf_counter()
@@ -213,10 +233,10 @@ def main() -> None:
         tqdm.write(str(row))
 
     breaks = _graph_breaks() if compiled else None
-    prefill_cols = ["tokens", "eager_s", "inductor_s", "inductor_compile_s", "ort_s", "fastest",
-                    "inductor_max_abs", "ort_max_abs"]
-    decode_cols = ["context", "eager_ms", "inductor_ms", "inductor_first_call_s", "ort_ms", "inductor_max_abs",
-                   "ort_max_abs"]
+    prefill_cols = ["tokens", "eager_s", "inductor_s", "inductor_compile_s", "inductor_new_graphs", "ort_s",
+                    "fastest", "inductor_max_abs", "ort_max_abs"]
+    decode_cols = ["context", "eager_ms", "inductor_ms", "inductor_warmup_s", "inductor_new_graphs", "ort_ms",
+                   "inductor_max_abs", "ort_max_abs"]
     level_rows = [{k: r[k] for k in ("graph", "level", "max_abs", "ms", "session_s", "passed")}
                   for r in levels["results"]]
     print()
@@ -227,8 +247,8 @@ def main() -> None:
     print(Report(f"onnxruntime levels (prefill timed at {levels['timing_shape']['prefill']}, decode at "
                  f"{levels['timing_shape']['decode']}; chosen: {levels['best']})",
                  ["graph", "level", "max_abs", "ms", "session_s", "passed"], level_rows))
-    if inductor_error:
-        print(f"\ninductor FAILED (first lines):\n{inductor_error}")
+    for phase, err in errors.items():
+        print(f"\ninductor FAILED in {phase} (first lines):\n{err}")
     if breaks is not None:
         print(f"\ndynamo graph breaks: {breaks['count']} {breaks['reasons']}")
     result = {
@@ -237,9 +257,12 @@ def main() -> None:
         "onnxruntime": surgeon.export.load_manifest(export_dir).versions.get("onnxruntime"),
         "cpu": platform.processor() or platform.machine(), "export_dir": str(export_dir),
         "prefill": rows, "decode": decode, "ort_levels": levels, "ort_session_levels": gen.levels,
-        "inductor_error": inductor_error, "graph_breaks": breaks,
+        "inductor_errors": errors, "inductor_dynamic": args.dynamic, "graph_breaks": breaks,
         "notes": ["eager and inductor run PrefillLM / DecodeLM (the wrappers the ONNX graphs are exported from); "
-                  "inductor_compile_s = first call - median steady call; inductor compile_threads=1",
+                  "inductor_compile_s = first call - median steady call (compile + recompiles); decode warm-up = "
+                  "2 calls (compile for the prefill's state, recompile for a decode output's strides); "
+                  f"inductor compile_threads=1, cache dir {os.environ['TORCHINDUCTOR_CACHE_DIR']} "
+                  "(fresh per run unless TORCHINDUCTOR_CACHE_DIR is set: cold compile times)",
                   "lengths above 4096 are timed once; decode is the median over the steps"],
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
