@@ -34,7 +34,7 @@ import torch.nn as nn
 from surgeon import graph_patterns
 from surgeon.config import PassConfig
 from surgeon.errors import ConfigError, PlanError
-from surgeon.fx_graph import free_attr_name, get_submodule, node_scope, node_shape, propagate_shapes, set_submodule, trace
+from surgeon.fx_graph import SurgeonUnit, free_attr_name, get_submodule, node_scope, node_shape, propagate_shapes, set_submodule, trace
 from surgeon.ops.activation import (
     BinaryMaskedReLU,
     MaskedReLU,
@@ -128,6 +128,54 @@ def place_unit(gm: fx.GraphModule, path: str, unit: nn.Module) -> None:
         raise PlanError(f"cannot place a unit at {path!r}: a part of that path is not a module in the graph")
 
 
+def unit_meta(node: fx.Node, site: Site, unit: nn.Module) -> dict:
+    """The replaced node's metadata, with ``nn_module_stack`` ending in the unit (not the old ReLU
+    module), so a later ``torch.export`` / dynamo capture of the surgered model knows the unit."""
+    meta = dict(node.meta)
+    stack = list((node.meta.get("nn_module_stack") or {}).items())
+    if site.data.get("call") == "module" and stack:
+        stack = stack[:-1]
+    stack.append((site.data["unit"], (site.data["unit"], type(unit))))
+    meta["nn_module_stack"] = dict(stack)
+    return meta
+
+
+def _without_units(meta: dict) -> dict:
+    """Metadata for a plain op that replaces a unit: its ``nn_module_stack`` without unit entries."""
+    meta = dict(meta)
+    stack = meta.get("nn_module_stack")
+    if stack:
+        names = _unit_type_names()
+        meta["nn_module_stack"] = {k: v for k, v in stack.items()
+                                   if not (isinstance(v, tuple) and len(v) > 1 and (
+                                       (isinstance(v[1], type) and issubclass(v[1], SurgeonUnit)) or v[1] in names))}
+    return meta
+
+
+def _unit_type_names() -> set[str]:
+    names, todo = set(), [SurgeonUnit]
+    while todo:
+        cls = todo.pop()
+        names |= {f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__}
+        todo += cls.__subclasses__()
+    return names
+
+
+def inside_unit(node: fx.Node) -> str | None:
+    """The path of the surgeon unit whose inlined forward made ``node`` (dynamo / export graphs)."""
+    names = None
+    for key, value in (node.meta.get("nn_module_stack") or {}).items():
+        t = value[1] if isinstance(value, tuple) and len(value) > 1 else None
+        if isinstance(t, type):
+            if issubclass(t, SurgeonUnit):
+                return graph_patterns.normalize_path(str(value[0]))
+        elif isinstance(t, str):
+            names = names if names is not None else _unit_type_names()
+            if t in names:
+                return graph_patterns.normalize_path(str(value[0]))
+    return None
+
+
 def rewrite_site(gm: fx.GraphModule, node: fx.Node, site: Site, unit: nn.Module) -> fx.Node:
     """Route one ReLU call site through ``unit`` (placed at ``site.data['unit']``)."""
     source = node.args[0] if node.args else node.kwargs.get("input")
@@ -136,7 +184,7 @@ def rewrite_site(gm: fx.GraphModule, node: fx.Node, site: Site, unit: nn.Module)
     place_unit(gm, site.data["unit"], unit)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(site.data["unit"], (source,))
-    new.meta = dict(node.meta)
+    new.meta = unit_meta(node, site, unit)
     node.replace_all_uses_with(new)
     if site.data.get("inplace"):
         _replace_inplace_aliases(gm, node, source, new)
@@ -144,8 +192,93 @@ def rewrite_site(gm: fx.GraphModule, node: fx.Node, site: Site, unit: nn.Module)
     return new
 
 
+def inlined_units(gm: fx.GraphModule) -> list[tuple[str, list[fx.Node], fx.Node, fx.Node]]:
+    """``MaskedReLU`` units that ``torch.export`` / dynamo inlined: ``(path, nodes, input, output)``.
+
+    A unit's nodes are those whose ``nn_module_stack`` holds it; it must read one graph value (besides
+    its mask) and be read through one node, else it is not rewritable and is left out.
+    """
+    groups: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            path = inside_unit(node)
+            if path is not None:
+                groups.setdefault(path, []).append(node)
+    found = []
+    for path, nodes in groups.items():
+        members = set(nodes)
+        inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes
+                                    if a not in members and a.op != "get_attr"))
+        outputs = [n for n in nodes if any(u not in members for u in n.users)]
+        if len(inputs) == 1 and len(outputs) == 1:
+            found.append((path, nodes, inputs[0], outputs[0]))
+    return found
+
+
+def _inlined_unit(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> tuple[str, torch.Tensor, str]:
+    """(kind, mask, site name) of an inlined unit: from the eager model when the graph knows it."""
+    source = gm.meta.get(graph_patterns.SOURCE_MODEL_META)
+    try:
+        unit = source.get_submodule(path) if source is not None else None
+    except AttributeError:
+        unit = None
+    if isinstance(unit, MaskedPolyReLU):
+        raise ConfigError(f"FinalizeReLU: unit {path!r} uses polynomial units; finalize them before export "
+                          f"(surgeon.apply(surgery, FinalizeReLU())), not on the export graph")
+    if isinstance(unit, MaskedReLU):
+        return unit.kind, unit.mask.detach(), getattr(unit, "site_name", path)
+    mask = gm.get_parameter(f"{path}.mask") if path else gm.get_parameter("mask")
+    kind = "relu6" if any(graph_patterns.relu_kind(n) == "relu6" for n in nodes) else "relu"
+    return kind, mask.detach(), path
+
+
+def finalize_inlined(gm: fx.GraphModule, site: Site, threshold: float) -> None:
+    """Replace an inlined unit's nodes by identity, the plain ATen activation, or a frozen binary mask."""
+    nodes = [n for n in gm.graph.nodes if n.name in set(site.data["region"])]
+    source = next(n for n in gm.graph.nodes if n.name == site.data["input"])
+    output = next(n for n in nodes if n.name == site.node)
+    action = site.data["action"]
+    if action == "identity":
+        new = source
+    else:
+        with gm.graph.inserting_after(output):
+            if action == "relu":
+                new = (gm.graph.call_function(torch.ops.aten.relu.default, (source,)) if site.op == "relu"
+                       else gm.graph.call_function(torch.ops.aten.hardtanh.default, (source, 0.0, 6.0)))
+            else:
+                kind, mask, _ = _inlined_unit(gm, site.data["unit"], nodes)
+                frozen = BinaryMaskedReLU(kind, mask >= threshold)
+                frozen.site_name = site.name
+                path = site.data["unit"] + "_frozen"
+                place_unit(gm, path, frozen)
+                new = gm.graph.call_module(path, (source,))
+        new.meta = _without_units(output.meta) if action == "relu" else dict(output.meta)
+    output.replace_all_uses_with(new)
+    for n in reversed(nodes):
+        if not n.users:
+            gm.graph.erase_node(n)
+    for n in list(gm.graph.nodes):  # the mask's get_attr, now unread
+        if n.op == "get_attr" and not n.users and str(n.target).startswith(site.data["unit"] + "."):
+            gm.graph.erase_node(n)
+
+
+def _inlined_sites(gm: fx.GraphModule, threshold: float) -> list[Site]:
+    sites = []
+    for path, nodes, source, output in inlined_units(gm):
+        kind, mask, name = _inlined_unit(gm, path, nodes)
+        binary = mask >= threshold
+        action = "identity" if not binary.any() else "relu" if binary.all() else "masked"
+        sites.append(Site(name=name, base=name.partition("@")[0], kind="fx", op=kind, scope=path.rpartition(".")[0],
+                          node=output.name, shape=node_shape(output),
+                          data={"unit": path, "action": action, "kept": int(binary.sum()), "entries": binary.numel(),
+                                "poly": False, "region": [n.name for n in nodes], "input": source.name}))
+    return sites
+
+
 def finalize_site(gm: fx.GraphModule, node: fx.Node, site: Site, threshold: float) -> None:
     """Replace a MaskedReLU call by identity, a plain activation, or a frozen binary mask."""
+    if site.data.get("region"):
+        return finalize_inlined(gm, site, threshold)
     unit = gm.get_submodule(str(node.target))
     source = node.args[0]
     action = site.data["action"]
@@ -163,7 +296,7 @@ def finalize_site(gm: fx.GraphModule, node: fx.Node, site: Site, threshold: floa
     elif action == "relu":
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(plain_activation_target(unit.kind), (source,))
-        new.meta = dict(node.meta)
+        new.meta = _without_units(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     else:
@@ -193,8 +326,8 @@ def relu_sites(gm: fx.GraphModule, offsets: Counter[str] | None = None) -> list[
     found: list[tuple[fx.Node, str, str, str, str]] = []
     for node in gm.graph.nodes:
         kind = relu_kind(node, gm)
-        if kind is None:
-            continue
+        if kind is None or (node.op != "call_module" and inside_unit(node) is not None):
+            continue  # the activation inside an inlined surgeon unit is not a site of its own
         module = graph_patterns.module_call(node, gm, kind)
         if module is not None:
             base, call, scope = module, "module", node_scope(node, gm) if node.op == "call_module" \
@@ -397,6 +530,8 @@ class FinalizeReLUHandler(PassHandler):
                                   scope=node_scope(node), node=node.name, shape=node_shape(node),
                                   data={"unit": str(node.target), "action": action, "kept": int(binary.sum()),
                                         "entries": binary.numel(), "poly": isinstance(unit, MaskedPolyReLU)}))
+        if not found and graph_patterns.graph_source(model) != "symbolic_trace":
+            found = _inlined_sites(model, config.threshold)  # units torch.export / dynamo inlined
         if not found and ctx.notes.get("allow_empty"):
             return Plan([])
         if not found:
@@ -405,7 +540,7 @@ class FinalizeReLUHandler(PassHandler):
             sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
         else:
             sites = select_sites(found, config.targets, config.exclude, config.filter_fn,
-                                 resolve_module=lambda s: model.get_submodule(s.data["unit"]), what="MaskedReLU unit")
+                                 resolve_module=lambda s: _owner(model, s.data["unit"]), what="MaskedReLU unit")
         return Plan(sites)
 
     def rewrite(self, model: nn.Module, config: FinalizeReLU, plan: Plan, ctx: PassContext) -> nn.Module:

@@ -194,6 +194,8 @@ def test_graph_breaks_listed_and_names_continue() -> None:
     assert sum(report.graph_breaks.values()) >= 1
     assert any("graph_break" in r or "graph break" in r.lower() for r in report.graph_breaks), report.graph_breaks
     assert "graph breaks" in str(report)
+    where = compiled.surgeon_backend.explain(model, x)
+    assert len(where) >= 1 and any("compile_models.py" in w for w in where), where
 
 
 def test_recompilation_loop_is_detected_and_warned() -> None:

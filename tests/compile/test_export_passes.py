@@ -43,3 +43,26 @@ def test_zero_sites_on_export_graph_is_an_error_naming_the_pass(tmp_path) -> Non
     with pytest.raises(surgeon.PlanError, match="LinearizeReLU found no ReLU"):
         surgeon.export.to_onnx(net, tmp_path / "none", torch.randn(2, 4), passes=[LinearizeReLU()])
     assert not (tmp_path / "none").exists()
+
+
+def test_finalize_inlined_units_of_a_surgered_model(tmp_path) -> None:
+    """torch.export inlines MaskedReLU units; FinalizeReLU finds them on the ATen graph and freezes them."""
+    model = seeded(TinyResNet())
+    x = torch.randn(2, 3, 6, 6)
+    s = surgeon.apply(model, LinearizeReLU(granularity="channel"), example_inputs=(x,))
+    units = masked_units(s.model)
+    with torch.no_grad():
+        units["stem.2"].mask.zero_()                 # identity
+        units["layer1.0.relu@1"].mask[::2] = 0.0     # frozen binary mask
+        units["relu"].mask.fill_(0.9)                # >= 0.5: plain ReLU
+    eager = surgeon.apply(s, FinalizeReLU()).model
+    res = surgeon.export.to_onnx(s.model, tmp_path / "fin", x, passes=[FinalizeReLU()])
+    rows = {r["site"]: r["action"] for r in res.surgery.report["FinalizeReLU"].rows}
+    assert rows == {"stem.2": "identity", "layer1.0.relu": "relu", "layer1.0.relu@1": "masked",
+                    "layer1.1.relu": "relu", "layer1.1.relu@1": "relu", "relu": "relu"}
+    ops = _ops(res.onnx_path)
+    assert ops.count("Relu") == 5 and "Clip" not in ops and "Where" in ops, ops
+    report = surgeon.export.verify(tmp_path / "fin", eager, inputs=[(torch.randn(3, 3, 6, 6),)])
+    assert report.passed and report.max_abs <= 1e-4
+    with torch.no_grad():
+        assert (eager(x) - s.model(x)).abs().max() > 1e-3   # 0.9 masks -> ReLU: finalizing changed it
