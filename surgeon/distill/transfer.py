@@ -107,11 +107,15 @@ class LayerInputs:
         store = {name: [] for name, _ in units}
         hooks = []
 
+        last = max(units, key=lambda item: getattr(item[1], "layer_idx", 0))[0]   # runs last
+
         def hook_for(name):
             def hook(module, args, kwargs):
                 args = tuple(_detach(a) for a in args)
                 kwargs = {k: _detach(v) for k, v in kwargs.items() if k not in _CACHE_KEYS}
                 store[name].append((args, kwargs))
+                if name == last:
+                    raise _CaptureDone   # later layers and the LM head are not needed
             return hook
 
         for name, unit in units:
@@ -121,7 +125,10 @@ class LayerInputs:
         set_transfer(model, True)
         try:
             for i in range(0, packs.shape[0], batch):
-                model(input_ids=packs[i:i + batch].to(device), use_cache=False)
+                try:
+                    model(input_ids=packs[i:i + batch].to(device), use_cache=False)
+                except _CaptureDone:
+                    pass
         finally:
             for h in hooks:
                 h.remove()
@@ -138,6 +145,10 @@ class LayerInputs:
 
     def clear(self) -> None:
         self.items.clear()
+
+
+class _CaptureDone(Exception):
+    """Raised by the deepest capture hook: the rest of the forward is skipped."""
 
 
 def _detach(x: Any) -> Any:
