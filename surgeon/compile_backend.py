@@ -447,7 +447,8 @@ class SurgeonBackend:
                 if lost:
                     missed[pass_name] = lost
                     notes.append(f"{pass_name}: sites {lost[:8]} were in no compiled graph (dynamo ran their code "
-                                 f"eagerly: a graph break inside a loop, or a skipped frame); they were NOT rewritten")
+                                 f"eagerly: a graph break inside a loop, or a skipped frame; or the graph spells "
+                                 f"them in a way surgeon.graph_patterns does not match); they were NOT rewritten")
         if hits:
             notes.append(f"{hits} frame(s) hit dynamo's recompile_limit and now run eagerly, without the surgery")
         return CompileReport(

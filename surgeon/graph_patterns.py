@@ -206,6 +206,8 @@ def relu_kind(node: fx.Node, gm: fx.GraphModule | None = None) -> ActKind | None
     if OPS["relu6"].matches_target(node):
         return "relu6"
     if _HARDTANH.matches_target(node):
+        if type_is(module_type(node, gm), (nn.ReLU6,)):
+            return "relu6"  # an inlined nn.ReLU6: dynamic=True passes its bounds as graph values
         return _hardtanh_kind(node)
     if _CLAMP.matches_target(node):
         return _clamp_kind(node)

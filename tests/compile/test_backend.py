@@ -230,3 +230,18 @@ def test_sites_dynamo_runs_eagerly_are_reported_as_missed() -> None:
     assert report.missed == {"LinearizeReLU": ["1"]}
     assert err > 1e-4          # the missed ReLU really ran unrewritten: the report is the only signal
     assert any("NOT rewritten" in w for w in report.warnings) and "NOT rewritten" in str(report)
+
+
+def test_dynamic_shapes_one_graph_no_recompiles() -> None:
+    """dynamic=True: symbolic sizes (and ReLU6 bounds passed as graph values) still match; one graph."""
+    model = _resnet()
+    ref = surgeon.apply(model, LinearizeReLU(granularity="channel", init=0.0),
+                        example_inputs=(torch.randn(2, 3, 6, 6),)).model
+    compiled = surgeon.compile(model, LinearizeReLU(granularity="channel", init=0.0), then="eager", dynamic=True)
+    with torch.no_grad():
+        for batch, hw in ((2, 6), (3, 7), (5, 9)):
+            x = torch.randn(batch, 3, hw, hw)
+            assert (compiled(x) - ref(x)).abs().max().item() <= 1e-5
+    report = compiled.surgeon_backend.report
+    assert len(report.graphs) == 1 and report.recompilations == 0 and report.changed == 6
+    assert report.missed == {}
