@@ -654,14 +654,32 @@ def _eval_mode(gm: fx.GraphModule) -> Iterator[None]:
 
 def concrete_inputs(example_inputs: Sequence[Any]) -> tuple[Any, ...]:
     """Example inputs with dynamo's symbolic sizes (a dynamic graph's ``SymInt`` inputs) as plain ints."""
-    return tuple(int(v) if isinstance(v, torch.SymInt) else v for v in example_inputs)
+    return tuple(_hint(v) if isinstance(v, torch.SymInt) else v for v in example_inputs)
+
+
+def _hint(v: torch.SymInt) -> int:
+    """A symbolic size's example value, read without adding a guard (``int(v)`` would specialize the
+    compiled graph to this size and recompile it at every new length)."""
+    hint = getattr(getattr(v, "node", None), "hint", None)
+    return int(hint) if hint is not None else int(v)
+
+
+class _Shapes(fx.Interpreter):
+    """Shape propagation on real values. ``ShapeProp`` would adopt the fake mode of a running
+    ``torch.compile`` and add size guards to it (one recompilation per new sequence length)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(out)
+        return out
 
 
 def _propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    from torch.fx.passes.shape_prop import ShapeProp
-
     with _eval_mode(gm), torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+        _Shapes(gm).run(*example_inputs)
 
 
 def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], nodes: set[fx.Node]) -> dict[fx.Node, Any]:
