@@ -236,6 +236,7 @@ class SurgeonBackend:
                 raise RecipeError(f"recipe {self.recipe.directory} does not fit this model: {mismatch}")
         self._check_recipe_needs(model)
         self.expected = self._expected_sites(model) if model is not None else {}
+        self._weights_checked = False
         self._running: list[Counter] = [Counter() for _ in self.passes]
         self._frame_offsets: dict[int, list[Counter]] = {}
         self.graphs: list[fx.GraphModule] = []
@@ -305,6 +306,9 @@ class SurgeonBackend:
         if self.module_ids is None and frame_self is not None and record_is_first_graph(self.records):
             # the bare backend learns the model from the first frame dynamo compiles (its forward)
             self.module_ids = {str(id(m)): name for name, m in frame_self.named_modules()}
+        if self.recipe is not None and not self._weights_checked and frame_self is not None and not self.records:
+            self._weights_checked = True
+            self._check_base_weights(frame_self)
         if self.module_ids is not None:
             gm.meta[graph_patterns.MODULE_IDS_META] = self.module_ids
             if frame_self is not None and str(id(frame_self)) in self.module_ids:
@@ -338,6 +342,19 @@ class SurgeonBackend:
             self._frame_offsets[record.frame] = start
         return start
 
+    def _check_base_weights(self, model: nn.Module) -> None:
+        """The compiled model must hold the recipe's values of its own weights (fine-tuning changes them)."""
+        own = model.state_dict()
+        keys = [k for k in own if k in self.recipe.keys]
+        saved = self.recipe.tensors(keys)
+        differ = [k for k in keys if saved[k].shape != own[k].shape or not torch.equal(saved[k], own[k].detach().cpu())]
+        if differ:
+            raise RecipeError(
+                f"the model being compiled has other values than the recipe {self.recipe.directory} for "
+                f"{differ[:6]} (the surgery fine-tuned them); the graphs would compute something else. Use "
+                f"surgeon.compile(model, ..., recipe=DIR), which compiles a copy holding the recipe's weights, or "
+                f"torch.compile(surgeon.compile_backend.with_recipe_weights(model, DIR), backend=...).")
+
     @staticmethod
     def _frame_self() -> nn.Module | None:
         """The module whose forward dynamo is compiling (``self`` of the captured frame), if any."""
@@ -345,10 +362,14 @@ class SurgeonBackend:
             from torch._dynamo.symbolic_convert import InstructionTranslator
 
             tx = InstructionTranslator.current_tx()
-            candidate = tx.f_locals.get("self") if tx is not None else None
+            local = dict(tx.f_locals) if tx is not None else {}
         except Exception:  # noqa: BLE001 - private API: no frame scope then
             return None
-        return candidate if isinstance(candidate, nn.Module) else None
+        # forward(self, ...); torch.compile's wrapper inner(*args, **kwargs) holds the module as fn
+        for candidate in (local.get("self"), local.get("fn"), *(local.get("args") or ())[:1]):
+            if isinstance(candidate, nn.Module):
+                return candidate
+        return None
 
     def _rewrite(self, gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
         seen: Counter[str] = Counter()

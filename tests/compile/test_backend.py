@@ -245,3 +245,27 @@ def test_dynamic_shapes_one_graph_no_recompiles() -> None:
     report = compiled.surgeon_backend.report
     assert len(report.graphs) == 1 and report.recompilations == 0 and report.changed == 6
     assert report.missed == {}
+
+
+def test_recipe_weights_guarded(tmp_path) -> None:
+    """Fine-tuned base weights: the bare backend refuses a model without them; folded recipes are refused."""
+    torch.manual_seed(0)
+    net = seeded(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    s = surgeon.apply(net, LinearizeReLU(granularity="layer"))
+    with torch.no_grad():
+        s.model.get_submodule("0").weight.add_(0.5)          # "fine-tuned"
+    surgeon.save(s, tmp_path / "ft")
+    be = surgeon.backend(recipe=tmp_path / "ft", then="eager")
+    with pytest.raises(Exception, match="other values than the recipe"):
+        torch.compile(net, backend=be)(torch.randn(2, 4))
+    fixed = surgeon.compile_backend.with_recipe_weights(net, tmp_path / "ft")
+    out = torch.compile(fixed, backend=surgeon.backend(recipe=tmp_path / "ft", then="eager"))(torch.ones(2, 4))
+    torch.testing.assert_close(out, s.model(torch.ones(2, 4)), atol=1e-6, rtol=1e-6)
+
+    cnn = _resnet()
+    x = torch.randn(2, 3, 6, 6)
+    f = surgeon.apply(cnn, LinearizeReLU(granularity="channel"), example_inputs=(x,))
+    f = surgeon.apply(f, FinalizeReLU(fold=True))
+    surgeon.save(f, tmp_path / "fold")
+    with pytest.raises(surgeon.RecipeError, match="surgeon.restore"):
+        surgeon.compile(cnn, recipe=tmp_path / "fold")
