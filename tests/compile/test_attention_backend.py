@@ -1,0 +1,139 @@
+"""LinearizeAttention inside torch.compile: ``surgeon.backend`` on Hugging Face and hand-written models.
+
+The eager surgery (module swap on Hugging Face attention, FX rewrite on hand-written attention) is
+saved with ``surgeon.save``; the compiled *unchanged* model then runs the same linear attention with
+the saved (here: perturbed, as if trained) parameters, and its outputs match ``surgeon.restore``'s.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import surgeon
+from surgeon.errors import ConfigError
+from surgeon.passes import LinearizeAttention
+
+from attention_graphs import Blocks, NoAttention, SdpaCausal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "passes"))
+from attention_models import VOCAB, tiny_llama  # noqa: E402
+
+torch.set_num_threads(1)
+
+HEDGEHOG = LinearizeAttention(feature_map="hedgehog", window=4)
+LLAMA_SITES = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+
+
+def _trained(surgery: surgeon.Surgery) -> surgeon.Surgery:
+    """Perturb every added parameter, as distillation would (init values would hide a loading bug)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in surgery.model.named_parameters():
+            if "feature_" in name or "window_logit" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return surgery
+
+
+def _ids(t: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randint(0, VOCAB, (2, t))
+
+
+@pytest.fixture(scope="module")
+def llama_recipes(tmp_path_factory):
+    """Per attention implementation: (base model, recipe dir, eager surgered model)."""
+    out = {}
+    for impl in ("sdpa", "eager"):
+        base = tiny_llama(attn_implementation=impl)
+        directory = tmp_path_factory.mktemp(f"llama_{impl}")
+        surgeon.save(_trained(surgeon.apply(base, HEDGEHOG)), directory)
+        out[impl] = (base, directory, surgeon.restore(base, directory).eval())
+    return out
+
+
+def _check_llama(impl, llama_recipes, then):
+    base, directory, eager = llama_recipes[impl]
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    torch._dynamo.reset()
+    backend = surgeon.backend(HEDGEHOG, recipe=directory, then=then)
+    compiled = torch.compile(base, backend=backend)
+    errors = {}
+    with torch.no_grad():
+        for t in (7, 11, 16):  # 7 compiles; 11 recompiles with dynamic sizes; 16 reuses that graph
+            ids = _ids(t, t)
+            got, want = compiled(ids).logits, eager(ids).logits
+            errors[t] = (got - want).abs().max().item()
+            assert (got - base(ids).logits).abs().max().item() > 1e-2, "compiled model still runs softmax attention"
+        ids, mask = _ids(13, 13), torch.ones(2, 13, dtype=torch.long)
+        mask[0, :4] = 0  # left padding: a data-dependent mask, kept and read as a key-padding mask
+        errors["13 padded"] = (compiled(ids, attention_mask=mask).logits
+                               - eager(ids, attention_mask=mask).logits).abs().max().item()
+    print(f"{impl} -> {then}: max |compiled − eager surgery| per length: {errors}")
+    assert max(errors.values()) <= 1e-4, errors
+    report = backend.report
+    assert [g.sites["LinearizeAttention"] for g in report.graphs] == [LLAMA_SITES] * len(report.graphs)
+    assert all(g.loaded == 6 for g in report.graphs)  # 2 layers x (feature_q, feature_k, window_logit)
+    assert report.recompilations <= 2 and report.graph_breaks == {}
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items()), "the model was changed"
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_llama_through_the_backend_matches_the_eager_surgery(impl, llama_recipes):
+    _check_llama(impl, llama_recipes, "eager")
+
+
+@pytest.mark.slow
+def test_hf_llama_through_the_backend_with_inductor(llama_recipes):
+    _check_llama("sdpa", llama_recipes, "inductor")
+
+
+def test_hand_written_attention_recipe_from_the_fx_surgery(tmp_path):
+    """A recipe of the symbolic_trace rewrite supplies the dynamo graph's units (same site names and paths)."""
+    torch.manual_seed(0)
+    model = Blocks(SdpaCausal).eval()
+    x = torch.randn(2, 6, 32)
+    surgeon.save(_trained(surgeon.apply(model, HEDGEHOG, example_inputs=(x,))), tmp_path)
+    eager = surgeon.restore(model, tmp_path)
+    torch._dynamo.reset()
+    backend = surgeon.backend(HEDGEHOG, recipe=tmp_path, then="eager")
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for shape in ((2, 6), (3, 9), (1, 17)):
+            x = torch.randn(*shape, 32)
+            err = (compiled(x) - eager(x)).abs().max().item()
+            assert err <= 1e-5, (shape, err)
+    g = backend.report.graphs[0]
+    assert g.sites == {"LinearizeAttention": ["blocks.0.sdpa", "blocks.1.sdpa"]} and g.loaded == 6
+
+
+def test_backend_without_recipe_for_trained_parameters_fails_and_changes_nothing():
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    ids = _ids(5, 0)
+    with torch.no_grad():
+        logits = base(ids).logits
+    with pytest.raises(ConfigError) as err:
+        surgeon.compile(base, HEDGEHOG, then="eager")
+    message = str(err.value)
+    assert "hedgehog feature maps" in message and "model.layers.0.self_attn" in message and "recipe" in message
+    with pytest.raises(ConfigError, match="no recipe was given"):
+        surgeon.backend(LinearizeAttention(feature_map="elu1", window=8))   # the window's mixing factors
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, logits)
+
+
+def test_backend_on_a_model_without_attention_reports_zero_sites():
+    torch.manual_seed(0)
+    model = NoAttention().eval()
+    torch._dynamo.reset()
+    backend = surgeon.backend(LinearizeAttention(feature_map="elu1", window=0), then="eager")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+    graphs = backend.report.graphs
+    assert len(graphs) == 1 and graphs[0].sites == {"LinearizeAttention": []} and backend.report.changed == 0
