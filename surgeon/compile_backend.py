@@ -210,7 +210,11 @@ class SurgeonBackend:
         recompile_warn: warn (``RecompilationWarning``) when one frame has been recompiled this
             many times.
 
-    ``.report`` is a :class:`CompileReport`; ``.graphs`` the rewritten ``GraphModule``s.
+    ``.report`` is a :class:`CompileReport`; ``.graphs`` the rewritten ``GraphModule``s. Graph
+    breaks and recompile-limit hits come from dynamo's process-wide counters (counted from the
+    backend's creation, so another model compiled meanwhile adds to them). The backend is meant for
+    inference and deployment: masks and other new parameters live on dynamo's graphs, so train them
+    eagerly (``surgeon.apply`` + training) and bring them in with ``recipe=``.
     """
 
     def __init__(self, *passes: PassConfig, then: str | Backend = "inductor", recipe: str | Path | None = None,

@@ -269,3 +269,18 @@ def test_recipe_weights_guarded(tmp_path) -> None:
     surgeon.save(f, tmp_path / "fold")
     with pytest.raises(surgeon.RecipeError, match="surgeon.restore"):
         surgeon.compile(cnn, recipe=tmp_path / "fold")
+
+
+def test_recompile_limit_fallback_is_reported() -> None:
+    """Past dynamo's recompile_limit the frame runs eagerly, without surgery: the report says so."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with torch._dynamo.config.patch(recompile_limit=2):
+        compiled = surgeon.compile(net, LinearizeReLU(granularity="layer", init=0.0), then="eager",
+                                   dynamic=False, recompile_warn=10)
+        outs = [compiled(torch.randn(b, 4) - 5.0) for b in (1, 2, 3, 4)]
+    report = compiled.surgeon_backend.report
+    assert len(report.graphs) == 2 and report.recompilations == 1
+    assert report.recompile_limit_hits >= 1
+    assert "without the surgery" in str(report)
+    assert (outs[3] >= 0).all() and (outs[0] < 0).any()   # the fallback really ran the plain ReLU
