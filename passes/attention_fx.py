@@ -840,9 +840,19 @@ def _site_data(match: AttentionMatch, values: dict[fx.Node, Any], model: nn.Modu
     }
 
 
+def _check_tokens(where: str, data: dict[str, Any], causal: bool) -> None:
+    tq, tk = data["tokens"]
+    if tq < tk and (causal or data.get("named_by_module")):
+        raise PlanError(f"{where} attends {tq} queries to {tk} keys: a decode step over cached keys. Linear attention "
+                        "in a rewritten graph has no recurrent state; compile the prefill (use_cache=False), and "
+                        "decode with the eager surgered model (surgeon.restore), which keeps its state in the cache")
+
+
 def _check_site(name: str, data: dict[str, Any], config: LinearizeAttention) -> None:
     causal = data["causal"]
     where = f"attention site {name!r}"
+    if data.get("named_by_module") and data["tokens"][0] < data["tokens"][1]:
+        _check_tokens(where, data, causal)
     if config.gate == "liger":
         raise ConfigError(f"gate='liger' derives its decay from a pretrained key projection (k_proj), which the FX "
                           f"path does not have ({where} is hand-written attention in a traced graph). The Liger "
@@ -862,6 +872,7 @@ def _check_site(name: str, data: dict[str, Any], config: LinearizeAttention) -> 
     if not causal and config.window > 0 and not config.local:
         raise ConfigError(f"{where} is bidirectional: a sliding window over past tokens has no meaning there; use "
                           "local=True (softmax inside a local window) or window=0")
+    _check_tokens(where, data, causal)
     tq, tk = data["tokens"]
     if tq != tk and (causal or config.local):
         raise PlanError(f"{where} attends {tq} queries to {tk} keys (cross-attention); causal and local linear "
@@ -1022,7 +1033,7 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
         data = _site_data(by_name[site.name], values, model, config, site.name, state)
         if ctx.recorded_sites is not None and "causal" in recorded:
             data["causal"] = recorded["causal"]
-        _check_site(site.name, data, config)
+        _check_site(site.name, {**recorded, **data}, config)
         site.data = {**recorded, **data}
     _assign_unit_paths(gm, sites)
     return Plan(sites, {"gm": gm, "matches": {s.name: by_name[s.name] for s in sites}, "bases": bases,

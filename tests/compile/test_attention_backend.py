@@ -109,6 +109,18 @@ def test_hand_written_attention_recipe_from_the_fx_surgery(tmp_path):
     assert g.sites == {"LinearizeAttention": ["blocks.0.sdpa", "blocks.1.sdpa"]} and g.loaded == 6
 
 
+def test_a_decode_step_is_refused_with_a_reason(llama_recipes):
+    """One query against cached keys: the graph unit has no recurrent state, so the backend says so."""
+    base, directory, _ = llama_recipes["sdpa"]
+    torch._dynamo.reset()
+    compiled = torch.compile(base, backend=surgeon.backend(HEDGEHOG, recipe=directory, then="eager"))
+    ids = _ids(6, 0)
+    with torch.no_grad():
+        cache = compiled(ids, use_cache=True).past_key_values
+        with pytest.raises(Exception, match="1 queries to 7 keys: a decode step"):
+            compiled(ids[:, -1:], past_key_values=cache, use_cache=True)
+
+
 def test_backend_without_recipe_for_trained_parameters_fails_and_changes_nothing():
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -137,3 +149,28 @@ def test_backend_on_a_model_without_attention_reports_zero_sites():
         assert torch.equal(compiled(x), model(x))
     graphs = backend.report.graphs
     assert len(graphs) == 1 and graphs[0].sites == {"LinearizeAttention": []} and backend.report.changed == 0
+
+
+@pytest.mark.slow
+def test_smollm2_through_the_backend(tmp_path):
+    """Real weights (30 layers, 9 q / 3 kv heads): no graph break, every layer rewritten, exact recipe parity."""
+    from surgeon.models.smollm2 import load_smollm2
+
+    base, tok = load_smollm2()
+    base.eval()
+    config = LinearizeAttention(feature_map="hedgehog", window=64)
+    surgeon.save(_trained(surgeon.apply(base, config)), tmp_path)
+    eager = surgeon.restore(base, tmp_path).eval()
+    torch._dynamo.reset()
+    backend = surgeon.backend(config, recipe=tmp_path, then="eager", model=base)
+    compiled = torch.compile(base, backend=backend)
+    ids = tok("The capital of France is Paris. " * 40, return_tensors="pt").input_ids
+    errors = {}
+    with torch.no_grad():
+        for t in (96, 160, 200):
+            errors[t] = (compiled(ids[:, :t]).logits - eager(ids[:, :t]).logits).abs().max().item()
+    print(f"SmolLM2 max |compiled − eager surgery|: {errors}; graph breaks: {backend.report.graph_breaks}")
+    assert max(errors.values()) <= 1e-4, errors
+    assert backend.report.graph_breaks == {} and backend.report.recompilations <= 1
+    expected = [f"model.layers.{i}.self_attn" for i in range(30)]
+    assert all(g.sites["LinearizeAttention"] == expected and g.loaded == 90 for g in backend.report.graphs)
