@@ -115,3 +115,45 @@ def test_a_graph_without_attention(source):
     assert plan.sites == [] and plan.state["bases"] == []
     with pytest.raises(PlanError, match="found no attention"):
         handler_for(config).plan(graph, config, PassContext(example_inputs=inputs))
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.m(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("impl,decompose", [("sdpa", False), ("eager", True)])
+def test_hf_llama_export_graph_matches_the_module_swap(impl, decompose):
+    """torch.export of a tiny Llama: sites named by the attention modules, GQA undone, the built causal mask
+    recognised and dropped; with the module swap's trained units copied over, the logits agree."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "passes"))
+    from attention_models import tiny_llama
+
+    base = tiny_llama(attn_implementation=impl)
+    config = LinearizeAttention(feature_map="hedgehog", window=4)
+    swapped = surgeon.apply(base, config).model
+    torch.manual_seed(0)
+    ids, ids_new = torch.randint(0, 97, (2, 7)), torch.randint(0, 97, (2, 12))
+    tokens = torch.export.Dim("tokens", min=2, max=256)
+    ep = torch.export.export(_Logits(base).eval(), (ids,), dynamic_shapes=({1: tokens},))
+    gm = (ep.run_decompositions() if decompose else ep).module()
+    s = surgeon.apply(gm, config, example_inputs=(ids,))
+    sites = s.recipe.entries[0].sites
+    assert [x.name for x in sites] == ["m.model.layers.0.self_attn", "m.model.layers.1.self_attn"]
+    assert all(x.op == "LlamaAttention" and x.data["kv_heads"] == 2 and x.data["repeat_kv"] in (1, 3)
+               and x.data["causal"] and x.data["masks"] == [] for x in sites)
+    with torch.no_grad():
+        for x in sites:
+            unit = s.model.get_submodule(x.data["unit"])
+            trained = swapped.get_submodule(x.data["module"].removeprefix("m."))
+            unit.load_state_dict({k: v for k, v in trained.state_dict().items()
+                                  if k.startswith(("feature_", "window_logit"))})
+        err = (s.model(ids_new) - swapped(ids_new, use_cache=False).logits).abs().max().item()
+    assert err <= 1e-4, err
