@@ -46,7 +46,6 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from surgeon import graph_patterns
 from surgeon.errors import ConfigError, PlanError
