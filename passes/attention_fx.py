@@ -13,6 +13,12 @@
   dtype casts anywhere in the chain and an optional dropout between the softmax and ``@ v``;
   q/k/v of shape (B, H, T, D) or (B·H, T, D).
 
+The graph may come from ``symbolic_trace``, from dynamo (what a ``torch.compile`` backend receives:
+torch-level calls, parameters as inputs) or from ``torch.export`` (ATen ops, before or after
+``run_decompositions()``): ``passes.attention_graph`` reads their spellings alike (fused ATen SDPA
+variants, decomposed matmuls and safe softmax, GQA ``repeat_kv``), and attention inlined from a Hugging
+Face module is named by that module's path. ``surgeon.backend`` uses this path on every captured graph.
+
 ``plan_fx_attention`` / ``rewrite_fx_attention`` are what the ``LinearizeAttention`` handler calls for a
 model without Hugging Face attention modules: every selected match is replaced by one
 :class:`~surgeon.ops.fx_attention_unit.FxLinearAttention` call on the same q, k, v (and the masks
