@@ -19,7 +19,7 @@ from surgeon.passes import LinearizeAttention
 from attention_graphs import Blocks, NoAttention, SdpaCausal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "passes"))
-from attention_models import VOCAB, tiny_llama  # noqa: E402
+from attention_models import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen3  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -83,6 +83,23 @@ def _check_llama(impl, llama_recipes, then):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_hf_llama_through_the_backend_matches_the_eager_surgery(impl, llama_recipes):
     _check_llama(impl, llama_recipes, "eager")
+
+
+@pytest.mark.parametrize("family,build,sites", [
+    ("qwen3", tiny_qwen3, LLAMA_SITES),                               # per-head q/k norms, explicit head_dim
+    ("gpt2", tiny_gpt2, ["transformer.h.0.attn", "transformer.h.1.attn"]),  # fused c_attn, absolute positions
+])
+def test_other_families_through_the_backend(family, build, sites, tmp_path):
+    base = build()
+    surgeon.save(_trained(surgeon.apply(base, HEDGEHOG)), tmp_path)
+    eager = surgeon.restore(base, tmp_path).eval()
+    torch._dynamo.reset()
+    backend = surgeon.backend(HEDGEHOG, recipe=tmp_path, then="eager")
+    compiled = torch.compile(base, backend=backend)
+    with torch.no_grad():
+        errors = [(compiled(ids).logits - eager(ids).logits).abs().max().item() for ids in (_ids(7, 0), _ids(11, 1))]
+    assert max(errors) <= 1e-4, (family, errors)
+    assert backend.report.graphs[0].sites == {"LinearizeAttention": sites} and backend.report.graphs[0].loaded == 6
 
 
 @pytest.mark.slow
