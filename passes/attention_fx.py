@@ -284,12 +284,27 @@ def _single_user(node: fx.Node, ignore: frozenset | set = frozenset()) -> bool:
 
 def _flattened_core(node: fx.Node) -> _Scores | None:
     """``view(bmm(view(q), view(kᵀ)), (B, H, Tq, Tk))``: a 4-D ``matmul`` decomposed by torch.export."""
-    mm = node.args[0] if _is(node, ag.RESHAPE) and node.args else None
-    if not (_is_matmul(mm) and _single_user(mm) and _ndim(node) == 4 and len(mm.args) >= 2):
+    if not _is(node, ag.LAYOUT) or _ndim(node) != 4:
         return None
-    q4, kt4 = ag.unflatten_batch(mm.args[0]), ag.unflatten_batch(mm.args[1])
-    if q4 is None or kt4 is None:
+    mm = ag._back_chain(node)[0]  # through layout ops (core-ATen einsum moves size-1 dims around)
+    if not (_is_matmul(mm) and _single_user(mm) and len(mm.args) >= 2 and _ndim(mm) == 3):
         return None
+    if not (_is(node, ag.RESHAPE) and node.args[0] is mm) and ag.batch_result(mm, node_shape(node)) is not node:
+        return None
+    q4 = ag.unflatten_batch(mm.args[0])
+    if q4 is None:
+        found_q = ag.batch_operand(mm.args[0])
+        if found_q is None or found_q[1]:
+            return None
+        q4 = found_q[0]
+    kt4 = ag.unflatten_batch(mm.args[1])
+    if kt4 is None:
+        found_k = ag.batch_operand(mm.args[1])
+        if found_k is None:
+            return None
+        if found_k[1]:  # the bmm reads k (B, H, Tk, D) itself, transposed by the layout ops
+            return _Scores(q4, found_k[0], None, node, "bmm/view", k_user=None, chain=[mm])
+        kt4 = found_k[0]
     kt, factors, _ = _peel_prescale(kt4, None)
     found = _untranspose(kt, 4)
     if found is None or not isinstance(found[0], fx.Node):
@@ -455,6 +470,17 @@ def _last_dim(dim: Any, ndim: int | None) -> bool:
     return ndim is not None and dim == ndim - 1
 
 
+def _plain_flattening(operand: fx.Node, weights: list[fx.Node]) -> bool:
+    """``operand`` (read by a bmm) is the attention weights ``weights[0]`` (or a cast of them, later in
+    ``weights``) reshaped to (B·H, Tq, Tk) with no reordering of their dims."""
+    found = ag.batch_operand(operand)
+    if found is None or found[1] or found[0] not in weights:
+        return False
+    before = weights[:weights.index(found[0]) + 1]
+    return all(not _is(n, ag.LAYOUT) or (_is(n, ag.VIEWS) and node_shape(n) == node_shape(weights[0]))
+               for n in before[1:])
+
+
 def _match_softmax(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch | None:
     found = _softmax_input(node, gm)
     if found is None:
@@ -482,7 +508,7 @@ def _match_softmax(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch | None:
                           "linear attention does not form them")
         nxt = users[0]
         is_drop = graph_patterns.is_op(nxt, "dropout", gm) and graph_patterns.target_name(nxt) != "native_dropout"
-        if is_drop or _is(nxt, _CAST_METHODS) or _is(nxt, ag.VIEWS):
+        if is_drop or _is(nxt, _CAST_METHODS) or _is(nxt, ag.LAYOUT):
             dropout = dropout or is_drop
             chain.append(nxt)
             cur = nxt
@@ -491,13 +517,18 @@ def _match_softmax(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch | None:
     out = nxt
     if _is_matmul(nxt) and len(nxt.args) >= 2 and nxt.args[0] is cur and nxt.args[1] is not cur:
         v, out_spelling = nxt.args[1], ("bmm" if _is(nxt, ag.BMM) else "matmul")
+        reordering = [n for n in chain if _is(n, ag.LAYOUT) and not _is(n, ag.VIEWS)]  # permute, unsqueeze...
         if ndim == 4 and _ndim(nxt) == 3:  # a decomposed 4-D matmul: bmm on (B·H, T, ·) views
-            v = ag.unflatten_batch(v)
+            if reordering and not _plain_flattening(cur, [node] + chain):
+                return None
+            found_v = ag.batch_operand(v)
+            v = ag.unflatten_batch(v) or (found_v[0] if found_v and not found_v[1] else None)
             v_shape, p_shape = node_shape(v) if v is not None else None, node_shape(node)
-            out = ag.reshaped_from(nxt, p_shape[:-1] + v_shape[-1:]) if v_shape and p_shape else None
+            shape = p_shape[:-1] + v_shape[-1:] if v_shape and p_shape else None
+            out = (ag.reshaped_from(nxt, shape) or ag.batch_result(nxt, shape)) if shape else None
             if out is None:
                 return None
-        elif _ndim(nxt) is not None and ndim is not None and _ndim(nxt) != ndim:
+        elif reordering or (_ndim(nxt) is not None and ndim is not None and _ndim(nxt) != ndim):
             return None
     elif _is_einsum(nxt) and _output_einsum(nxt) is not None and _output_einsum(nxt)[0] is cur:
         v, out_spelling = _output_einsum(nxt)[1], "einsum"

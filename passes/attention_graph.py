@@ -7,6 +7,9 @@ what it needs to read the three kinds of FX graph alike (see ``surgeon.graph_pat
   (``transpose`` = ``x.transpose`` / ``torch.transpose`` / ``aten.transpose.int`` ...), and :func:`is_call`;
 * :func:`unflatten_batch`: the (B, H, T, D) tensor a decomposed ``matmul`` flattened into a 3-D
   ``bmm`` operand (``aten.expand`` → ``aten.clone`` → ``aten.view``);
+* :func:`batch_operand` / :func:`batch_result`: the same through any chain of ``unsqueeze`` /
+  ``squeeze`` / ``permute`` / ``view`` (core-ATen ``einsum`` moves size-1 dims around its ``bmm``), by
+  following which dims of the source each dim holds;
 * :func:`unrepeat_kv`: the (B, H_kv, T, D) keys/values under a GQA ``repeat_kv``
   (``x[:, :, None].expand(...).reshape(...)``, ``unsqueeze``/``expand``/``view`` in ATen, or
   ``repeat_interleave``);
@@ -279,3 +282,167 @@ __all__ = [
     "is_call", "is_sdpa", "real_users", "reshaped_from", "safe_softmax_tail", "sdpa_arguments",
     "unflatten_batch", "unrepeat_kv",
 ]
+
+
+# ---------------------------------------------------------------------------------------------- layouts through
+# unsqueeze / permute / view chains (core-ATen einsum: size-1 dims moved around a bmm)
+
+SQUEEZE = {torch.squeeze, torch.Tensor.squeeze, "squeeze"} | _packets("squeeze")
+LAYOUT = VIEWS | UNSQUEEZE | SQUEEZE | PERMUTE | TRANSPOSE
+
+_Atom = tuple[int, tuple[int, ...]]  # (dim of the base tensor, path of pieces when that dim was split)
+_Group = list[tuple[_Atom, int]]     # atoms (with sizes) a dim of the current tensor holds, major first
+
+
+def _regroup(groups: list[_Group], shape: list[int]) -> list[_Group] | None:
+    """Row-major reshape of a tensor whose dims hold ``groups`` to ``shape`` (atoms split where needed)."""
+    queue = [(a, s) for g in groups for a, s in g if s != 1]
+    out: list[_Group] = []
+    for size in shape:
+        group: _Group = []
+        prod = 1
+        while prod < size:
+            if not queue:
+                return None
+            atom, s = queue.pop(0)
+            if prod * s <= size:
+                group.append((atom, s))
+                prod *= s
+                continue
+            first = size // prod
+            if size % prod or s % first:
+                return None
+            (d, path) = atom
+            group.append(((d, path + (0,)), first))
+            queue.insert(0, ((d, path + (1,)), s // first))
+            prod = size
+        if prod != size:
+            return None
+        out.append(group)
+    return out if not queue else None
+
+
+def _step(groups: list[_Group], node: fx.Node) -> list[_Group] | None:
+    shape = node_shape(node)
+    if shape is None:
+        return None
+    n = len(groups)
+    if is_call(node, UNSQUEEZE):
+        d = arg(node, 1, "dim")
+        if not isinstance(d, int):
+            return None
+        groups = list(groups)
+        groups.insert(d % (n + 1), [])
+    elif is_call(node, SQUEEZE):
+        dims = arg(node, 1, "dim")
+        dims = list(range(n)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+        drop = {d % n for d in dims if all(s == 1 for _, s in groups[d % n])}
+        groups = [g for i, g in enumerate(groups) if i not in drop]
+    elif is_call(node, PERMUTE):
+        rest = node.args[1:]
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        if sorted(d % n for d in dims) != list(range(n)):
+            return None
+        groups = [groups[d % n] for d in dims]
+    elif is_call(node, TRANSPOSE):
+        a, b = arg(node, 1, "dim0"), arg(node, 2, "dim1")
+        if not (isinstance(a, int) and isinstance(b, int)):
+            return None
+        groups = list(groups)
+        groups[a % n], groups[b % n] = groups[b % n], groups[a % n]
+    elif is_call(node, VIEWS):
+        sizes = [math_prod(s for _, s in g) for g in groups]
+        if is_call(node, EXPAND) and sizes != shape:
+            return None  # a broadcast, not a layout change
+        groups = groups if sizes == shape else _regroup(groups, shape)
+    else:
+        return None
+    return groups if groups is not None and len(groups) == len(shape) else None
+
+
+def math_prod(values: Any) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _normalize(groups: list[_Group]) -> list[list[_Atom]]:
+    """Atoms without size-1 ones, split pieces that sit together merged back into their parent."""
+    out = []
+    for g in groups:
+        atoms = [a for a, s in g if s != 1]
+        merged = True
+        while merged:
+            merged = False
+            for i in range(len(atoms) - 1):
+                (d0, p0), (d1, p1) = atoms[i], atoms[i + 1]
+                if d0 == d1 and p0[:-1] == p1[:-1] and p0[-1:] == (0,) and p1[-1:] == (1,):
+                    atoms[i:i + 2] = [(d0, p0[:-1])]
+                    merged = True
+                    break
+        out.append(atoms)
+    return out
+
+
+def layout_from(base: fx.Node, chain: list[fx.Node]) -> list[list[_Atom]] | None:
+    """How the last node of ``chain`` (layout ops applied to ``base`` in order) holds ``base``'s dims."""
+    shape = node_shape(base)
+    if shape is None:
+        return None
+    groups: list[_Group] | None = [[((d, ()), s)] for d, s in enumerate(shape)]
+    for node in chain:
+        groups = _step(groups, node)
+        if groups is None:
+            return None
+    return _normalize(groups)
+
+
+def _back_chain(node: fx.Node, limit: int = 12) -> list[fx.Node]:
+    """``node`` and the layout ops before it, earliest first (the first element is their source)."""
+    chain = [node]
+    while is_call(chain[-1], LAYOUT) and isinstance(chain[-1].args[0], fx.Node) and len(chain) <= limit:
+        chain.append(chain[-1].args[0])
+    return chain[::-1]
+
+
+def batch_operand(node: Any) -> tuple[fx.Node, bool] | None:
+    """(X, transposed) when the 3-D ``bmm`` operand ``node`` is ``X.reshape(B·H, a, b)`` (or, with
+    ``transposed``, ``X.transpose(-2, -1).reshape(...)``) for a 4-D ``X`` before a chain of layout ops."""
+    if not isinstance(node, fx.Node) or len(node_shape(node) or []) != 3:
+        return None
+    chain = _back_chain(node)
+    for i, base in enumerate(chain[:-1]):
+        if len(node_shape(base) or []) != 4:
+            continue
+        layout = layout_from(base, chain[i + 1:])
+        if layout is None:
+            continue
+        big = [d for d, s in enumerate(node_shape(base)) if s != 1]
+        for transposed, order in ((False, [[0, 1], [2], [3]]), (True, [[0, 1], [3], [2]])):
+            want = [[(d, ()) for d in dims if d in big] for dims in order]
+            if layout == want:
+                return base, transposed
+    return None
+
+
+def batch_result(mm: fx.Node, shape: list[int]) -> fx.Node | None:
+    """The node after ``mm`` (3-D, (B·H, T, D)) and single-use layout ops that is ``mm.reshape(shape)``."""
+    chain: list[fx.Node] = []
+    cur = mm
+    for _ in range(12):
+        users = real_users(cur)
+        if len(users) != 1 or not is_call(users[0], LAYOUT):
+            return None
+        cur = users[0]
+        chain.append(cur)
+        if node_shape(cur) == list(shape):
+            layout = layout_from(mm, chain)
+            big = [d for d, s in enumerate(node_shape(mm)) if s != 1]
+            b, h = shape[0], shape[1]
+            parts = [[(0, (0,))] if b != 1 else [], [(0, (1,))] if h != 1 else []]
+            if b == 1 or h == 1:
+                parts = [[(0, ())] if b != 1 else [], [(0, ())] if h != 1 else []]
+            want = parts + [[(1, ())] if 1 in big else [], [(2, ())] if 2 in big else []]
+            return cur if layout == want else None
+    return None

@@ -30,8 +30,6 @@ EXPECTED = {
     "sdpa_bool_mask": ("sdpa", (4, 4), "sdpa/mask"),
 }
 CASES = [(m, s) for m in MODELS for s in SOURCES]
-UNSUPPORTED = {("einsum_bidirectional", "export_decomposed"):
-               "core-ATen einsum is a chain of unsqueeze/permute/view around bmm with size-1 dims; not matched"}
 
 
 def _config(name: str) -> LinearizeAttention:
@@ -51,9 +49,7 @@ def rewrite(gm, config, inputs):
     return handler.rewrite(gm, config, plan, ctx), plan
 
 
-@pytest.mark.parametrize("name,source", [
-    pytest.param(m, s, marks=pytest.mark.xfail(strict=True, reason=UNSUPPORTED[(m, s)]))
-    if (m, s) in UNSUPPORTED else (m, s) for m, s in CASES])
+@pytest.mark.parametrize("name,source", CASES)
 def test_same_sites_and_parity_on_every_graph_source(name, source):
     model = build(name)
     x, x_new = _x(SEEN, 0), _x(UNSEEN, 1)
@@ -66,7 +62,8 @@ def test_same_sites_and_parity_on_every_graph_source(name, source):
 
     leaf, (heads, kv_heads), spelling = EXPECTED[name]
     if source == "export_decomposed":  # core ATen: matmul is bmm on views, SDPA decomposes into its math
-        leaf, spelling = "softmax", "bmm/permute/additive/softmax/bmm"
+        leaf = "softmax"   # core-ATen einsum: size-1 dims unsqueezed and permuted around the bmm
+        spelling = "bmm/view/softmax/bmm" if name.startswith("einsum") else "bmm/permute/additive/softmax/bmm"
     assert plan.names == [f"blocks.0.{leaf}", f"blocks.1.{leaf}"]
     for site in plan.sites:
         assert (site.data["heads"], site.data["kv_heads"], site.data["causal"]) == (heads, kv_heads, CAUSAL[name])
@@ -157,3 +154,22 @@ def test_hf_llama_export_graph_matches_the_module_swap(impl, decompose):
                                   if k.startswith(("feature_", "window_logit"))})
         err = (s.model(ids_new) - swapped(ids_new, use_cache=False).logits).abs().max().item()
     assert err <= 1e-4, err
+
+
+class _TransposedWeights(torch.nn.Module):
+    """softmax(q kᵀ)ᵀ @ v: looks like attention but reorders the weights; must not be rewritten."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = k = v = x.view(b, t, 4, 8).transpose(1, 2)
+        p = torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1)
+        return (p.transpose(-2, -1) @ v).transpose(1, 2).reshape(b, t, 32)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_reordered_attention_weights_are_not_matched(source):
+    x = _x(SEEN, 0)
+    graph, inputs = graph_of(source, _TransposedWeights().eval(), x)
+    config = LinearizeAttention(feature_map="elu1", window=0)
+    plan = handler_for(config).plan(graph, config, PassContext(example_inputs=inputs, notes={"allow_empty": True}))
+    assert plan.sites == []
