@@ -52,6 +52,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from surgeon import graph_patterns
 from surgeon.errors import ConfigError, PlanError
@@ -824,6 +825,20 @@ def _describe_types(model: nn.Module, limit: int = 12) -> list[str]:
     return seen[:limit] + (["..."] if len(seen) > limit else [])
 
 
+_CONV = {F.conv2d, torch.conv2d} | ag._packets("convolution", "conv2d", "_convolution")
+
+
+def _has_conv2d(model: nn.Module) -> bool:
+    """An image model (patch embedding by a 2-D convolution), as a module or as a call in the graph
+    (dynamo and torch.export inline ``nn.Conv2d``)."""
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return True
+    graph = getattr(model, "graph", None)
+    return graph is not None and any(
+        _is(n, _CONV) and len(node_shape(n.args[1]) or []) == 4 for n in graph.nodes
+        if len(n.args) > 1 and isinstance(n.args[1], fx.Node))
+
+
 def _site_data(match: AttentionMatch, values: dict[fx.Node, Any], model: nn.Module, config: LinearizeAttention,
                name: str, state: set[fx.Node] | frozenset = frozenset()) -> dict[str, Any]:
     q_shape, k_shape, v_shape = node_shape(match.q), node_shape(match.k), node_shape(match.v)
@@ -865,7 +880,7 @@ def _site_data(match: AttentionMatch, values: dict[fx.Node, Any], model: nn.Modu
             value = float(values[factor]) if isinstance(factor, fx.Node) else float(factor)
             scale = scale * value if power > 0 else scale / value
     grid, n_prefix = (None, 0)
-    if config.local and nd in (3, 4) and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+    if config.local and nd in (3, 4) and _has_conv2d(model):
         grid, n_prefix = _grid(q_shape[-2])
     return {
         "spelling": match.spelling, "causal": causal, "heads": heads, "kv_heads": kv_heads,

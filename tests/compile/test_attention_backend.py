@@ -19,7 +19,7 @@ from surgeon.passes import LinearizeAttention
 from attention_graphs import Blocks, NoAttention, SdpaCausal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "passes"))
-from attention_models import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen3  # noqa: E402
+from attention_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen3, tiny_vit  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -100,6 +100,32 @@ def test_other_families_through_the_backend(family, build, sites, tmp_path):
         errors = [(compiled(ids).logits - eager(ids).logits).abs().max().item() for ids in (_ids(7, 0), _ids(11, 1))]
     assert max(errors) <= 1e-4, (family, errors)
     assert backend.report.graphs[0].sites == {"LinearizeAttention": sites} and backend.report.graphs[0].loaded == 6
+
+
+def _bert_inputs(t: int) -> dict:
+    mask = torch.ones(2, t, dtype=torch.long)
+    mask[1, -3:] = 0  # right padding: a data-dependent mask
+    return {"input_ids": _ids(t, t), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("family,build,inputs,sites", [
+    ("bert", tiny_bert, _bert_inputs, ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]),
+    ("vit", tiny_vit, lambda t: {"pixel_values": torch.randn(2, 3, 32, 32)}, ["layers.0.attention", "layers.1.attention"]),
+])
+def test_bidirectional_models_with_local_windows_through_the_backend(family, build, inputs, sites, tmp_path):
+    """Encoders: bidirectional linear attention + softmax in a local window (2-D over ViT's patch grid)."""
+    base = build()
+    config = LinearizeAttention(feature_map="hedgehog", window=2, local=True)
+    surgeon.save(_trained(surgeon.apply(base, config)), tmp_path)
+    eager = surgeon.restore(base, tmp_path).eval()
+    torch._dynamo.reset()
+    backend = surgeon.backend(config, recipe=tmp_path, then="eager")
+    compiled = torch.compile(base, backend=backend)
+    with torch.no_grad():
+        errors = [(compiled(**kw).last_hidden_state - eager(**kw).last_hidden_state).abs().max().item()
+                  for kw in (inputs(7), inputs(11))]
+    assert max(errors) <= 1e-4, (family, errors)
+    assert backend.report.graphs[0].sites == {"LinearizeAttention": sites}
 
 
 @pytest.mark.slow
