@@ -287,7 +287,7 @@ def _flattened_core(node: fx.Node) -> _Scores | None:
     """``view(bmm(view(q), view(kᵀ)), (B, H, Tq, Tk))``: a 4-D ``matmul`` decomposed by torch.export."""
     if not _is(node, ag.LAYOUT) or _ndim(node) != 4:
         return None
-    mm = ag._back_chain(node)[0]  # through layout ops (core-ATen einsum moves size-1 dims around)
+    mm = ag.back_chain(node)[0]  # through layout ops (core-ATen einsum moves size-1 dims around)
     if not (_is_matmul(mm) and _single_user(mm) and len(mm.args) >= 2 and _ndim(mm) == 3):
         return None
     if not (_is(node, ag.RESHAPE) and node.args[0] is mm) and ag.batch_result(mm, node_shape(node)) is not node:

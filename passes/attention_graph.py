@@ -398,7 +398,7 @@ def layout_from(base: fx.Node, chain: list[fx.Node]) -> list[list[_Atom]] | None
     return _normalize(groups)
 
 
-def _back_chain(node: fx.Node, limit: int = 12) -> list[fx.Node]:
+def back_chain(node: fx.Node, limit: int = 12) -> list[fx.Node]:
     """``node`` and the layout ops before it, earliest first (the first element is their source)."""
     chain = [node]
     while is_call(chain[-1], LAYOUT) and isinstance(chain[-1].args[0], fx.Node) and len(chain) <= limit:
@@ -411,7 +411,7 @@ def batch_operand(node: Any) -> tuple[fx.Node, bool] | None:
     ``transposed``, ``X.transpose(-2, -1).reshape(...)``) for a 4-D ``X`` before a chain of layout ops."""
     if not isinstance(node, fx.Node) or len(node_shape(node) or []) != 3:
         return None
-    chain = _back_chain(node)
+    chain = back_chain(node)
     for i, base in enumerate(chain[:-1]):
         if len(node_shape(base) or []) != 4:
             continue

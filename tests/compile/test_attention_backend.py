@@ -164,6 +164,23 @@ def test_a_decode_step_is_refused_with_a_reason(llama_recipes):
             compiled(ids[:, -1:], past_key_values=cache, use_cache=True)
 
 
+def test_surgeon_compile_takes_passes_and_layers_from_the_recipe(tmp_path):
+    """Only layer 1 was linearized eagerly: the compiled model rewrites exactly that layer."""
+    base = tiny_llama()
+    surgeon.save(_trained(surgeon.apply(base, LinearizeAttention(feature_map="hedgehog", window=4, layers=[1]))),
+                 tmp_path)
+    eager = surgeon.restore(base, tmp_path).eval()
+    torch._dynamo.reset()
+    compiled = surgeon.compile(base, recipe=tmp_path, then="eager")
+    with torch.no_grad():
+        for t in (7, 12):
+            ids = _ids(t, t)
+            assert (compiled(ids).logits - eager(ids).logits).abs().max().item() <= 1e-4
+    graphs = compiled.surgeon_backend.report.graphs
+    assert [g.sites for g in graphs] == [{"LinearizeAttention": ["model.layers.1.self_attn"]}] * len(graphs)
+    assert all(g.loaded == 3 for g in graphs)
+
+
 def test_backend_without_recipe_for_trained_parameters_fails_and_changes_nothing():
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
