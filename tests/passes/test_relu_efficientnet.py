@@ -90,9 +90,11 @@ def test_finalized_partial_linearization_exports_and_verifies(net, photos, tmp_p
     # the claim is 1e-5 relative to the logit scale, not 1e-5 absolute on logits of size ~20.
     names = ["chelsea", "coffee", "astronaut", "rocket", "chelsea"]
     photo_sets = [(imagenet_batch(names[:1]),), (imagenet_batch(names[:3]),), (imagenet_batch(names),)]
-    report = surgeon.export.verify(tmp_path / "onnx", f.model, photo_sets, atol=1e-5, rtol=1e-4)
+    # The kernels' rounding differs run to run (thread scheduling), so the per-element atol is the
+    # same 1e-5 of the logit scale (~2e-4), not 1e-5 absolute (which failed on 1 of 1000 logits).
     with torch.no_grad():
         logit_scale = f.model(photo_sets[-1][0]).abs().max().item()
+    report = surgeon.export.verify(tmp_path / "onnx", f.model, photo_sets, atol=1e-5 * logit_scale, rtol=1e-4)
     assert report.passed and report.max_abs <= 1e-5 * logit_scale, (report.max_abs, logit_scale)
     assert [row.input_shapes["x"][0] for row in report.rows] == [1, 3, 5]
     # Seeded random inputs (out of distribution, larger activations): same graph within 1e-4.
