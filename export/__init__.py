@@ -8,6 +8,7 @@ Example:
     True
 """
 from surgeon.export.causal_lm import export_causal_lm
+from surgeon.export.divergence import DivergenceReport, locate_divergence
 from surgeon.export.generator import OnnxGenerator
 from surgeon.export.manifest import GraphSpec, Manifest, TensorSpec, load_manifest
 from surgeon.export.onnx_export import ExportResult, flatten_outputs, to_onnx
@@ -18,4 +19,5 @@ from surgeon.export.verify_lm import LMVerifyReport, verify_causal_lm
 __all__ = [
     "to_onnx", "verify", "export_causal_lm", "OnnxGenerator", "verify_causal_lm", "LMVerifyReport", "ExportResult", "VerifyReport", "load_manifest",
     "Manifest", "GraphSpec", "TensorSpec", "flatten_outputs", "optimize", "OptimizeReport",
+    "locate_divergence", "DivergenceReport",
 ]

@@ -108,6 +108,7 @@ class VerifyReport:
     passed: bool
     notes: list[str] = field(default_factory=list)
     ort_level: str | None = None     # onnxruntime graph optimization level used (None: its default)
+    divergence: dict[str, Any] | None = None   # surgeon.export.locate_divergence on the first failing case
 
     @property
     def max_abs(self) -> float:
@@ -157,6 +158,8 @@ class VerifyReport:
         if not fails:
             return "ONNX verification passed"
         what, todo = fails[0]
+        if self.divergence is not None:
+            todo = f"{todo}. Where: {self.divergence['summary']}"
         more = f"\n(+{len(fails) - 1} more failures; see the error's .report)" if len(fails) > 1 else ""
         return f"ONNX verification failed: {what} What to try: {todo}{more}"
 
@@ -178,11 +181,12 @@ class VerifyReport:
                    "atol / rtol": f"{self.atol:g} / {self.rtol:g}",
                    "dynamic dims symbolic": f"{sum(c.passed for c in self.dim_checks)}/{n_dyn}",
                    "max abs error": self.max_abs, "passed": self.passed}
+        where = [f"where: {self.divergence['summary']}"] if self.divergence is not None else []
         return Report(
             title=f"ONNX verification: {'PASSED' if self.passed else 'FAILED'}",
             columns=["case", "inputs", "output", "max_abs", "max_rel", "n_bad", "ort_ms",
                      "torch_ms", "ok"],
-            rows=rows, summary=summary, notes=[*self.notes, *self.failures()])
+            rows=rows, summary=summary, notes=[*self.notes, *self.failures(), *where])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -367,6 +371,19 @@ def _run_case(i: int, case: tuple[Tensor, ...], names: list[str], sess: Any,
     return row
 
 
+def _locate(path: str | Path, model: nn.Module, case: tuple[Tensor, ...], graph: str, atol: float,
+            rtol: float, level: str | None, providers: Sequence[str], notes: list[str]) -> dict[str, Any] | None:
+    """:func:`locate_divergence` for a failed case; a failure to locate becomes a note, never an error."""
+    from surgeon.export.divergence import locate_divergence
+
+    try:
+        return locate_divergence(path, model, case, graph=graph, atol=atol, rtol=rtol,
+                                 ort_level=level, providers=providers).to_dict()
+    except Exception as e:  # diagnosis only: the verification result stands without it
+        notes.append(f"could not locate the first diverging module: {_short(e)}")
+        return None
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def verify(
@@ -383,6 +400,7 @@ def verify(
     repeats: int = 3,
     seed: int = 0,
     ort_level: str | None = None,
+    locate: bool = True,
 ) -> VerifyReport:
     """Check an export against ``model`` in onnxruntime, at shapes other than the export shape.
 
@@ -395,6 +413,9 @@ def verify(
     warm-up give the median latency of each. On failure raises :class:`VerificationError` (with
     ``.report``) unless ``raise_on_failure=False``. Sessions use the onnxruntime graph optimization
     level the manifest records (:func:`surgeon.export.optimize`), or ``ort_level`` when given.
+    When outputs differ and ``locate`` is true, :func:`surgeon.export.locate_divergence` runs on
+    the first failing case and the report (``.divergence``, the error message) names the first
+    module whose output diverges, its ONNX node, and any weight that changed since export.
 
     Example:
         >>> import torch, surgeon.export
@@ -412,7 +433,8 @@ def verify(
         from surgeon.export.verify_lm import verify_causal_lm
 
         return verify_causal_lm(path, model, atol=max(atol, 1e-4), rtol=max(rtol, 1e-3),
-                                raise_on_failure=raise_on_failure, seed=seed, ort_level=ort_level)
+                                raise_on_failure=raise_on_failure, seed=seed, ort_level=ort_level,
+                                locate=locate)
     gname = graph if graph is not None else (
         next(iter(manifest.graphs)) if len(manifest.graphs) == 1 else "model")
     g = manifest.graph(gname)
@@ -461,10 +483,15 @@ def verify(
             rows.append(_run_case(i, case, names, sess, model, device, atol, rtol, repeats))
 
     passed = all(c.passed for c in dim_checks) and all(r.passed for r in rows)
+    used_providers = list(sess.get_providers())
+    del sess
     report = VerifyReport(onnx_path=str(onnx_path), graph=gname,
-                          providers=list(sess.get_providers()), atol=atol, rtol=rtol,
+                          providers=used_providers, atol=atol, rtol=rtol,
                           dim_checks=dim_checks, rows=rows, passed=passed, notes=notes,
                           ort_level=level)
+    failing = next((c for c, r in zip(cases, rows) if r.error is None and not r.passed), None)
+    if locate and failing is not None:
+        report.divergence = _locate(path, model, failing, gname, atol, rtol, level, providers, notes)
     if not passed and raise_on_failure:
         raise VerificationError(report.error_message(), report)
     return report

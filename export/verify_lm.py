@@ -67,6 +67,7 @@ class LMVerifyReport:
     passed: bool = False
     first_failure: str | None = None
     ort_levels: dict[str, str | None] = field(default_factory=dict)   # graph -> level used
+    divergence: dict[str, Any] | None = None   # locate_divergence on the first failing prefill case
 
     @property
     def max_abs(self) -> float:
@@ -91,6 +92,8 @@ class LMVerifyReport:
                   f"- onnxruntime graph optimization levels: {self.ort_levels}"]
         if self.first_failure:
             lines.append(f"- first failure: {self.first_failure}")
+        if self.divergence is not None:
+            lines.append(f"- where: {self.divergence['summary']}")
         return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
@@ -123,10 +126,13 @@ def _compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, atol: float
 
 def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[int, int]] | None = None,
                      atol: float = 1e-4, rtol: float = 1e-3, n_generate: int = 64, seed: int = 0,
-                     raise_on_failure: bool = True, ort_level: str | None = None) -> LMVerifyReport:
+                     raise_on_failure: bool = True, ort_level: str | None = None,
+                     locate: bool = True) -> LMVerifyReport:
     """Check a prefill/decode export against ``model``; raises :class:`VerificationError` on failure.
 
-    Sessions use the manifest's onnxruntime optimization levels, or ``ort_level`` when given.
+    Sessions use the manifest's onnxruntime optimization levels, or ``ort_level`` when given. When a
+    prefill output differs and ``locate`` is true, :func:`surgeon.export.locate_divergence` names the
+    first module whose output diverges in ``prefill.onnx`` (and weights changed since export).
     """
     gen = OnnxGenerator(path, level=ort_level)
     model.eval()
@@ -137,6 +143,7 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
                             kv_cache_bytes_per_token=gen.state_bytes(context=1) - gen.state_bytes(),
                             ort_levels=dict(gen.levels))
     names = ["logits"] + [s["name"] for s in gen.state_specs]
+    padded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}     # case -> the prefill graph's inputs
     for batch, length in shapes or [(1, 37), (3, 100), (2, 200)]:
         ids = torch.randint(0, vocab, (batch, length), generator=rng)
         mask = torch.ones_like(ids)
@@ -146,8 +153,9 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
         logits, state = gen.run_prefill(ids, mask)
         report.prefill_ms[f"{batch}x{length}"] = round(1000 * (time.perf_counter() - start), 2)
         pad = (-length) % gen.chunk
+        padded[f"{batch}x{length}"] = (torch.nn.functional.pad(ids, (pad, 0)), torch.nn.functional.pad(mask, (pad, 0)))
         with torch.no_grad():
-            ref = prefill_torch(torch.nn.functional.pad(ids, (pad, 0)), torch.nn.functional.pad(mask, (pad, 0)))
+            ref = prefill_torch(*padded[f"{batch}x{length}"])
         real = mask.bool().numpy()
         got_logits, ref_logits = logits[real], ref[0][:, pad:].numpy()[real]
         report.comparisons.append(_compare(f"{batch}x{length}", "logits", got_logits, ref_logits, atol, rtol))
@@ -185,6 +193,8 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
         c = failures[0]
         report.first_failure = (f"{c.output} at shape {c.case}: max abs {c.max_abs:.3e} (atol {atol}, rtol {rtol})"
                                 + ("" if c.output == "logits" else " — the earliest layer whose state diverges"))
+        if locate:
+            report.divergence = _locate(path, prefill_torch, padded[c.case], atol, rtol, gen.levels["prefill"])
     elif report.decode_vs_prefill_max_abs > atol:
         report.first_failure = (f"decode.onnx step-by-step differs from prefill.onnx by "
                                 f"{report.decode_vs_prefill_max_abs:.3e}")
@@ -192,5 +202,18 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
         report.first_failure = f"greedy tokens agree on only {report.greedy_agreement:.1%} of {n_generate}"
     report.passed = report.first_failure is None
     if not report.passed and raise_on_failure:
-        raise VerificationError(f"ONNX deployment check failed: {report.first_failure}", report)
+        where = f". Where: {report.divergence['summary']}" if report.divergence is not None else ""
+        raise VerificationError(f"ONNX deployment check failed: {report.first_failure}{where}", report)
     return report
+
+
+def _locate(path: str | Path, prefill: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], atol: float,
+            rtol: float, level: str | None) -> dict[str, Any]:
+    """:func:`locate_divergence` on ``prefill.onnx``; a failure to locate is reported, never raised."""
+    from surgeon.export.divergence import locate_divergence
+
+    try:
+        return locate_divergence(path, prefill, inputs, graph="prefill", atol=atol, rtol=rtol,
+                                 ort_level=level).to_dict()
+    except Exception as e:  # diagnosis only: the verification result stands without it
+        return {"summary": f"could not locate the first diverging module ({type(e).__name__}: {e})"}
