@@ -85,7 +85,8 @@ def _export_dir(work: Path, linear: torch.nn.Module) -> Path:
     return work / "linear_onnx"
 
 
-def _ort_levels(path: Path, linear: torch.nn.Module, threads: int, repeats: int, recheck: bool) -> dict[str, Any]:
+def _ort_levels(path: Path, linear: torch.nn.Module, threads: int, repeats: int, recheck: bool,
+                atol: float, rtol: float) -> dict[str, Any]:
     """Every onnxruntime level for prefill (1x64, 1x512) and one decode step; the best is recorded."""
     manifest = surgeon.export.load_manifest(path)
     old = manifest.onnxruntime.get("optimization")
@@ -93,7 +94,12 @@ def _ort_levels(path: Path, linear: torch.nn.Module, threads: int, repeats: int,
         tqdm.write("onnxruntime levels: reusing the check recorded in the manifest (--recheck-levels to redo)")
         return old
     tqdm.write("onnxruntime levels: checking disabled/basic/extended/layout/all (parity vs PyTorch, latency)...")
-    report = surgeon.export.optimize(path, linear, shapes=[(1, 64), (1, 512)], threads=threads, repeats=repeats)
+    try:
+        report = surgeon.export.optimize(path, linear, shapes=[(1, 64), (1, 512)], threads=threads,
+                                         repeats=repeats, atol=atol, rtol=rtol)
+    except surgeon.errors.VerificationError as e:   # recorded; the sessions keep onnxruntime's default
+        tqdm.write(f"onnxruntime levels: {e}")
+        return {"error": str(e).splitlines()[0], "atol": atol, "rtol": rtol}
     tqdm.write(str(report))
     return report.to_dict()
 
@@ -112,6 +118,10 @@ def main() -> None:
     parser.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
                         help="torch.compile's dynamic= for prefill (auto: static first, dynamic after a length change)")
     parser.add_argument("--recheck-levels", action="store_true", help="redo the onnxruntime level check")
+    # SmolLM2's residual stream carries a massive activation (|x| ~ 2.5e4 after layer 11): float32
+    # accumulation order alone moves its 512-token logits by ~1e-2 at every level, `disabled` included
+    parser.add_argument("--level-atol", type=float, default=5e-2, help="parity tolerance of the level check")
+    parser.add_argument("--level-rtol", type=float, default=1e-3)
     parser.add_argument("--workdir", default="out/compile_bench")
     parser.add_argument("--out", default=str(RESULTS / "compile.json"))
     args = parser.parse_args()
@@ -129,7 +139,8 @@ def main() -> None:
     model, _ = load_smollm2()
     linear = surgeon.apply(model, LinearizeAttention(feature_map="hedgehog", window=64)).model.eval()
     export_dir = _export_dir(work, linear)
-    levels = _ort_levels(export_dir, linear, args.threads, 2 if args.quick else 3, args.recheck_levels)
+    levels = _ort_levels(export_dir, linear, args.threads, 2 if args.quick else 3, args.recheck_levels,
+                         args.level_atol, args.level_rtol)
     gen = surgeon.export.OnnxGenerator(export_dir, threads=args.threads)
     tqdm.write(f"onnxruntime sessions at levels {gen.levels}")
 
@@ -238,15 +249,19 @@ def main() -> None:
     decode_cols = ["context", "eager_ms", "inductor_ms", "inductor_warmup_s", "inductor_new_graphs", "ort_ms",
                    "inductor_max_abs", "ort_max_abs"]
     level_rows = [{k: r[k] for k in ("graph", "level", "max_abs", "ms", "session_s", "passed")}
-                  for r in levels["results"]]
+                  for r in levels.get("results", [])]
     print()
     print(Report(f"prefill (seconds, batch 1, fp32, {args.threads} thread(s))", prefill_cols, rows))
     print()
     print(Report("decode step (ms per token, recurrent state)", decode_cols, decode))
     print()
-    print(Report(f"onnxruntime levels (prefill timed at {levels['timing_shape']['prefill']}, decode at "
-                 f"{levels['timing_shape']['decode']}; chosen: {levels['best']})",
-                 ["graph", "level", "max_abs", "ms", "session_s", "passed"], level_rows))
+    if "error" in levels:
+        print(f"onnxruntime levels: {levels['error']}")
+    else:
+        print(Report(f"onnxruntime levels (prefill timed at {levels['timing_shape']['prefill']}, decode at "
+                     f"{levels['timing_shape']['decode']}; chosen: {levels['best']}; parity atol "
+                     f"{levels['atol']:g}, rtol {levels['rtol']:g})",
+                     ["graph", "level", "max_abs", "ms", "session_s", "passed"], level_rows))
     for phase, err in errors.items():
         print(f"\ninductor FAILED in {phase} (first lines):\n{err}")
     if breaks is not None:
