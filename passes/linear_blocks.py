@@ -114,17 +114,35 @@ def find_blocks(model: nn.Module, layers: str | None = None) -> tuple[str, nn.Mo
                     f"{type(model).__name__} has no list of blocks (looked for {list(_LAYER_PATHS)}); pass layers=...")
 
 
-def find_out_proj(block: nn.Module, where: str, out_proj: str | None = None) -> tuple[str, nn.Linear]:
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' GPT-style ``Conv1D``: ``y = x @ W + b`` with ``W`` stored as ``(in, out)``."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def _is_projection(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or _is_conv1d(m)
+
+
+def folded_weights(layer: nn.Module, T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight and bias of ``layer`` followed by ``u -> u @ T`` (``nn.Linear`` or ``Conv1D``), in float64."""
+    w, b = layer.weight.detach().double(), None if layer.bias is None else layer.bias.detach().double()
+    T = T.to(w.device, torch.float64)
+    new_w = w @ T if _is_conv1d(layer) else T.t() @ w     # Conv1D: x W T; Linear: x (T^T W)^T
+    return new_w.to(layer.weight.dtype), None if b is None else (b @ T).to(layer.bias.dtype)
+
+
+def find_out_proj(block: nn.Module, where: str, out_proj: str | None = None) -> tuple[str, nn.Module]:
     """The output projection of a block's MLP (the layer a replacement is folded into)."""
     for p in ([out_proj] if out_proj else list(_OUT_PROJ)):
         try:
             m = get_submodule(block, p)
         except AttributeError:
             continue
-        if not isinstance(m, nn.Linear):
-            raise PlanError(f"{where}.{p} is a {type(m).__name__}, not nn.Linear: cannot fold a linear map into it")
+        if not _is_projection(m):
+            raise PlanError(f"{where}.{p} is a {type(m).__name__}, not nn.Linear or transformers' Conv1D: "
+                            "cannot fold a linear map into it; pass out_proj= naming the block's output projection")
         return p, m
-    names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    names = [n for n, m in block.named_modules() if _is_projection(m)]
     raise PlanError(f"{where} has no output projection to fold into (looked for {[out_proj] if out_proj else list(_OUT_PROJ)}; "
                     f"its Linear layers are {names}); pass out_proj=...")
 
@@ -403,13 +421,10 @@ class ReplaceLinearBlocksHandler(PassHandler):
         new_weights = {}
         for s in plan.sites:  # compute every folded weight first (float64), then swap
             layer = get_submodule(model, s.data["fold_into"])
-            if not isinstance(layer, nn.Linear):
-                raise PlanError(f"{s.data['fold_into']} is a {type(layer).__name__}, not nn.Linear")
+            if not _is_projection(layer):
+                raise PlanError(f"{s.data['fold_into']} is a {type(layer).__name__}, not nn.Linear or Conv1D")
             if s.name in fits:
-                T = fits[s.name].T.to(layer.weight.device)
-                w = (T.t() @ layer.weight.detach().double()).to(layer.weight.dtype)
-                b = None if layer.bias is None else (T.t() @ layer.bias.detach().double()).to(layer.bias.dtype)
-                new_weights[s.name] = (layer, w, b)
+                new_weights[s.name] = (layer, *folded_weights(layer, fits[s.name].T))
         for s in plan.sites:
             if s.name in new_weights:
                 layer, w, b = new_weights[s.name]

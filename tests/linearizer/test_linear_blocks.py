@@ -181,3 +181,39 @@ def test_cli_report_linearity(tmp_path, capsys):
     assert rc == 0 and "block linearity" in out and "r2_no_residual" in out
     assert (tmp_path / "l.png").is_file() and (tmp_path / "l.json").is_file()
     assert main(["report"]) == 2
+
+
+def test_gpt2_conv1d_projection_takes_the_fold():
+    """GPT-2's MLP output is transformers' Conv1D (``x @ W + b``, W stored (in, out)): the fold is W T."""
+    import transformers
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=4, n_head=4, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(4)]
+    s = surgeon.apply(gpt2, ReplaceLinearBlocks(blocks=[2], calibration=batches))
+    assert isinstance(s.model.transformer.h[2], SkippedBlock)
+    assert [r["fold_into"] for r in s.report["ReplaceLinearBlocks"].rows if r["replaced"]] == [
+        "transformer.h.1.mlp.c_proj"]
+    path, layers = find_blocks(gpt2)
+    (fit,) = fit_spans(gpt2, path, layers, [(2, 3)], batches, ReplaceLinearBlocks(blocks=[2]))
+    ids = batches[1]
+    cap = {}
+    hooks = [gpt2.transformer.h[1].mlp.c_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("u", o)),
+             gpt2.transformer.h[2].register_forward_pre_hook(lambda m, a: cap.__setitem__("h2", a[0])),
+             gpt2.transformer.h[3].register_forward_pre_hook(lambda m, a: cap.__setitem__("h3", a[0]))]
+    with torch.no_grad():
+        gpt2(ids)
+    for h in hooks:
+        h.remove()
+    u = cap["u"].double()
+    expected = cap["h2"].double() - u + u @ fit.T
+    seen = {}
+    h = s.model.transformer.h[3].register_forward_pre_hook(lambda m, a: seen.__setitem__("h3", a[0]))
+    with torch.no_grad():
+        s.model(ids)
+    h.remove()
+    got = seen["h3"].double()
+    assert (got - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
+    assert float(((got - cap["h3"].double()) ** 2).sum()) < float(((cap["h2"].double() - cap["h3"].double()) ** 2).sum())
