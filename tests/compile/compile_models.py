@@ -7,25 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgeon.fx_graph import trace
+from surgeon_test_models import Block as BasicBlock  # ResNet block: one self.relu called twice
 
 SOURCES = ("symbolic_trace", "dynamo", "export", "export_decomposed")
-
-
-class BasicBlock(nn.Module):
-    """ResNet-style block: one ``self.relu`` called twice, a residual add."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + x)
 
 
 class TinyResNet(nn.Module):

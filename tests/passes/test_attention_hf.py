@@ -75,31 +75,27 @@ def test_decode_equals_prefill_every_kind(kind):
     assert err <= 1e-4, err
 
 
+def _assert_generate_is_greedy_argmax(model, prompt, n: int) -> None:
+    """``generate`` (through the cache) = argmax of full forwards without any cache, for n new tokens."""
+    model.generation_config.eos_token_id = None       # always n new tokens, like the reference
+    out = model.generate(prompt, max_new_tokens=n, do_sample=False)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ids)
+
+
 @pytest.mark.parametrize("family", ["qwen3", "gpt2"])
 def test_generate_with_every_layer_purely_linear(family):
     """window=0: no softmax anywhere; generate() through the recurrent cache = argmax of full forwards."""
     s = surgeon.apply(CAUSAL_FAMILIES[family](), LinearizeAttention(feature_map="elu1", window=0))
-    s.model.generation_config.eos_token_id = None
-    prompt = _tokens(2, 9, seed=4)
-    out = s.model.generate(prompt, max_new_tokens=20, do_sample=False)
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(20):
-            ids = torch.cat([ids, s.model(ids).logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(out, ids)
+    _assert_generate_is_greedy_argmax(s.model, _tokens(2, 9, seed=4), 20)
 
 
 def test_generate_works_unchanged_and_state_stays_constant():
     s = surgeon.apply(tiny_llama(), LinearizeAttention(feature_map="hedgehog", window=8))
-    s.model.generation_config.eos_token_id = None  # always 30 new tokens, like the argmax reference
-    prompt = _tokens(1, 12, seed=3)
-    out = s.model.generate(prompt, max_new_tokens=30, do_sample=False)
-    # greedy reference without any cache: argmax of full forwards
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(30):
-            ids = torch.cat([ids, s.model(ids).logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(out, ids)
+    _assert_generate_is_greedy_argmax(s.model, _tokens(1, 12, seed=3), 30)
     cache = DynamicCache(config=s.model.config)
     with torch.no_grad():
         s.model(_tokens(1, 300), past_key_values=cache, use_cache=True)
