@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -32,10 +32,15 @@ class OnnxGenerator:
 
     Each session uses the graph optimization level the manifest records for its graph
     (:func:`surgeon.export.optimize`; onnxruntime's default when none), or ``level`` when given.
+
+    ``io_binding`` keeps the decode state in onnxruntime's own buffers between steps (``OrtValue``
+    outputs bound straight back as the next step's inputs): no copy to and from numpy per token, and
+    on a GPU provider the state never leaves the device. Default: on for any provider other than
+    the CPU (where the copies are a few percent of a step), off on the CPU.
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None, level: str | None = None) -> None:
+                 threads: int | None = None, level: str | None = None, io_binding: bool | None = None) -> None:
         from surgeon.export.ort_optimize import make_session, parse_level
 
         self.manifest = load_causal_lm_manifest(path)
@@ -47,6 +52,9 @@ class OnnxGenerator:
         self.chunk = int(self.manifest.exporter["chunk"])
         self.state_specs = self.manifest.exporter["state"]
         self.state_names = [s["name"].replace("state.", "state_in.") for s in self.state_specs]
+        used = self.decode.get_providers()
+        self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        self.io_binding = (used[0] != "CPUExecutionProvider") if io_binding is None else bool(io_binding)
 
     # -- the two graphs ---------------------------------------------------------------------------
     def run_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -66,8 +74,38 @@ class OnnxGenerator:
         """One step of ``decode.onnx``; checks the state against the manifest first."""
         if len(state) != len(self.state_specs):
             raise ExportError(f"decode.onnx takes {len(self.state_specs)} state tensors, got {len(state)}")
-        batch = token.shape[0]
+        self._check_state(token.shape[0], state)
         feeds = {"input_ids": token.astype(np.int64), "position_ids": position.astype(np.int64)}
+        for spec, name, value in zip(self.state_specs, self.state_names, state):
+            feeds[name] = value.astype(_NUMPY[spec["dtype"]], copy=False)
+        out = self.decode.run(None, feeds)
+        return out[0], out[1:]
+
+    def run_decode_bound(self, token: np.ndarray, position: np.ndarray, state: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One decode step through IOBinding: ``state`` (numpy arrays or the ``OrtValue`` list this
+        method returned) is bound as input, the new state comes back as ``OrtValue`` s on the device."""
+        import onnxruntime as ort
+
+        if len(state) != len(self.state_specs):
+            raise ExportError(f"decode.onnx takes {len(self.state_specs)} state tensors, got {len(state)}")
+        io = self.decode.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(token, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position, dtype=np.int64))
+        for spec, name, value in zip(self.state_specs, self.state_names, state):
+            if not isinstance(value, ort.OrtValue):
+                value = ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(value, dtype=_NUMPY[spec["dtype"]]), self.device, 0)
+            io.bind_ortvalue_input(name, value)
+        outputs = [o.name for o in self.decode.get_outputs()]
+        io.bind_output(outputs[0], "cpu")              # logits are read on the host every step
+        for name in outputs[1:]:
+            io.bind_output(name, self.device)
+        self.decode.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), list(out[1:])
+
+    def _check_state(self, batch: int, state: list[np.ndarray]) -> None:
+        """Every state tensor has the shape decode.onnx takes (softmax KV caches: one shared length)."""
         past = None
         for spec, name, value in zip(self.state_specs, self.state_names, state):
             want = (batch, *spec["shape"][1:])
@@ -77,9 +115,6 @@ class OnnxGenerator:
             if tuple(value.shape) != want:
                 raise ExportError(f"{name} has shape {tuple(value.shape)}, decode.onnx expects {want} "
                                   f"({spec['kind']} of layer {spec['layer']}); pass the state_out of the previous call")
-            feeds[name] = value.astype(_NUMPY[spec["dtype"]], copy=False)
-        out = self.decode.run(None, feeds)
-        return out[0], out[1:]
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -101,7 +136,12 @@ class OnnxGenerator:
             new.append(token)
             if step + 1 == max_new_tokens or done.all():
                 break
-            logits, state = self.run_decode(token[:, None], position, state)
+            if self.io_binding:
+                if step == 0:       # the prefill state, checked once against the manifest's shapes
+                    self._check_state(ids.shape[0], state)
+                logits, state = self.run_decode_bound(token[:, None], position, state)
+            else:
+                logits, state = self.run_decode(token[:, None], position, state)
             if not np.isfinite(logits).all():
                 raise ExportError(f"decode.onnx produced NaN/inf logits at step {step + 1}")
             position = position + 1
