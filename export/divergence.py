@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from surgeon.errors import ExportError
 from surgeon.export.manifest import load_manifest
 
-__all__ = ["locate_divergence", "DivergenceReport", "ModuleDivergence", "WeightMismatch"]
+__all__ = ["locate_divergence", "divergence_or_reason", "DivergenceReport", "ModuleDivergence", "WeightMismatch"]
 
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _FLOAT_TYPES = {1, 10, 11, 16}       # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
@@ -348,3 +348,14 @@ def locate_divergence(path: str | Path, model: nn.Module, inputs: Sequence[Tenso
                 onnx_node=node.name, onnx_op=node.op_type, max_abs=float(info.max_abs_diff),
                 max_rel=float(info.max_rel_diff), diverges=bad))
     return report
+
+
+def divergence_or_reason(path: str | Path, model: nn.Module, inputs: Sequence[Tensor], **kwargs: Any
+                         ) -> dict[str, Any]:
+    """:func:`locate_divergence` as a dict for a failed verification; if locating itself fails, a
+    dict whose ``summary`` says why (diagnosis never turns a verification result into a crash)."""
+    try:
+        return locate_divergence(path, model, inputs, **kwargs).to_dict()
+    except Exception as e:  # diagnosis only: the verification result stands without it
+        text = " ".join(str(e).split())[:300]
+        return {"summary": f"could not locate the first diverging module ({type(e).__name__}: {text})"}

@@ -371,19 +371,6 @@ def _run_case(i: int, case: tuple[Tensor, ...], names: list[str], sess: Any,
     return row
 
 
-def _locate(path: str | Path, model: nn.Module, case: tuple[Tensor, ...], graph: str, atol: float,
-            rtol: float, level: str | None, providers: Sequence[str], notes: list[str]) -> dict[str, Any] | None:
-    """:func:`locate_divergence` for a failed case; a failure to locate becomes a note, never an error."""
-    from surgeon.export.divergence import locate_divergence
-
-    try:
-        return locate_divergence(path, model, case, graph=graph, atol=atol, rtol=rtol,
-                                 ort_level=level, providers=providers).to_dict()
-    except Exception as e:  # diagnosis only: the verification result stands without it
-        notes.append(f"could not locate the first diverging module: {_short(e)}")
-        return None
-
-
 # ----------------------------------------------------------------------------- entry point
 
 def verify(
@@ -491,7 +478,10 @@ def verify(
                           ort_level=level)
     failing = next((c for c, r in zip(cases, rows) if r.error is None and not r.passed), None)
     if locate and failing is not None:
-        report.divergence = _locate(path, model, failing, gname, atol, rtol, level, providers, notes)
+        from surgeon.export.divergence import divergence_or_reason
+
+        report.divergence = divergence_or_reason(path, model, failing, graph=gname, atol=atol, rtol=rtol,
+                                                 ort_level=level, providers=providers)
     if not passed and raise_on_failure:
         raise VerificationError(report.error_message(), report)
     return report

@@ -194,7 +194,10 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
         report.first_failure = (f"{c.output} at shape {c.case}: max abs {c.max_abs:.3e} (atol {atol}, rtol {rtol})"
                                 + ("" if c.output == "logits" else " — the earliest layer whose state diverges"))
         if locate:
-            report.divergence = _locate(path, prefill_torch, padded[c.case], atol, rtol, gen.levels["prefill"])
+            from surgeon.export.divergence import divergence_or_reason
+
+            report.divergence = divergence_or_reason(path, prefill_torch, padded[c.case], graph="prefill",
+                                                     atol=atol, rtol=rtol, ort_level=gen.levels["prefill"])
     elif report.decode_vs_prefill_max_abs > atol:
         report.first_failure = (f"decode.onnx step-by-step differs from prefill.onnx by "
                                 f"{report.decode_vs_prefill_max_abs:.3e}")
@@ -206,14 +209,3 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
         raise VerificationError(f"ONNX deployment check failed: {report.first_failure}{where}", report)
     return report
 
-
-def _locate(path: str | Path, prefill: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], atol: float,
-            rtol: float, level: str | None) -> dict[str, Any]:
-    """:func:`locate_divergence` on ``prefill.onnx``; a failure to locate is reported, never raised."""
-    from surgeon.export.divergence import locate_divergence
-
-    try:
-        return locate_divergence(path, prefill, inputs, graph="prefill", atol=atol, rtol=rtol,
-                                 ort_level=level).to_dict()
-    except Exception as e:  # diagnosis only: the verification result stands without it
-        return {"summary": f"could not locate the first diverging module ({type(e).__name__}: {e})"}
