@@ -1,0 +1,32 @@
+"""The two demos `surgeon demo` runs, end to end on the real pretrained weights (slow)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_efficientnet_demo_linearizes_exports_and_verifies(tmp_path):
+    from surgeon.demo import run_demo
+
+    result = run_demo(tmp_path, show=False)
+    assert result["sites"] == 33 and result["mask_init_max_abs_error"] <= 1e-5
+    assert result["relu_count_before"] == 6_157_536
+    assert 0 < result["relu_count_after"] < result["relu_count_before"] and result["channels_linearized"] > 0
+    assert all(t["correct"] for t in result["top1_linearized"])          # the photos keep their classes
+    assert result["verify"]["passed"] and result["verify"]["max_abs"] <= 1e-4
+    assert json.loads((tmp_path / "demo.json").read_text())["relu_count_after"] == result["relu_count_after"]
+    assert (tmp_path / "onnx" / "manifest.json").is_file() and (tmp_path / "surgery").is_dir()
+
+
+@pytest.mark.slow
+def test_smollm2_demo_linearizes_every_layer_and_still_answers(tmp_path):
+    from surgeon.demo_llm import run_llm_demo
+
+    result = run_llm_demo(tmp_path, show=False, max_new_tokens=8)
+    assert result["layers_converted"] == 30 and result["params_added"] == 1_474_830
+    assert result["config"]["feature_map"] == "hedgehog" and result["config"]["window"] == 64
+    assert result["before"]["text"].strip() and result["after"]["text"].strip()
+    assert result["distill"] is None and result["onnx"] is None
+    assert (tmp_path / "surgery").is_dir() and (tmp_path / "demo.json").is_file()
