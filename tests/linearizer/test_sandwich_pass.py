@@ -246,11 +246,20 @@ def test_transformer_mlp_sandwich_on_tiny_llama(tiny_llama, token_batches, tmp_p
     assert all(r["err_after"] <= r["err_before"] for r in rows)
     out = s.model.generate(token_batches[0][:1, :4], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
-    # a fitted sandwich exports (forward) and its pseudo-inverse too, verified in onnxruntime
+    # a fitted sandwich exports (forward) and so does its pseudo-inverse, both verified in onnxruntime
     unit = s.model.get_submodule("model.layers.1.mlp").eval()
     x = torch.randn(2, 5, 32)
     surgeon.export.to_onnx(unit, tmp_path / "mlp", (x,))
     assert surgeon.export.verify(tmp_path / "mlp", unit).passed
+    inv = unit.pinv().eval()                       # g_x⁻¹ A⁺ g_y through the trained couplings
+    with torch.no_grad():
+        y = unit(x)
+        back = inv(y)
+    # A is square and full rank: f⁺(f(x)) = x (measured 1.6e-5 on |x| ≤ 2.9)
+    assert (back - x).abs().max() <= 1e-4 * x.abs().max(), (back - x).abs().max()
+    surgeon.export.to_onnx(inv, tmp_path / "mlp_inv", (y,))
+    rep = surgeon.export.verify(tmp_path / "mlp_inv", inv, inputs=[(unit(torch.randn(b, 5, 32)).detach(),) for b in (1, 3)])
+    assert rep.passed and rep.max_abs <= 1e-4
     surgeon.save(s, tmp_path / "saved")
     again = surgeon.restore(tiny_llama, tmp_path / "saved")
     with torch.no_grad():
