@@ -135,7 +135,13 @@ def main() -> None:
         "state_fraction_8k": next((d["state_fraction"] for d in decode if d["context"] == 8192), None),
     }
     print("\ngoals (targets: >= 2.3, >= 3.2, <= 1.15, <= 0.05):", goals)
-    out = {"threads": args.threads, "prefill": rows, "decode": decode, "goals": goals, "torch": torch.__version__}
+    out = {"model": "SmolLM2-135M-Instruct; linearized: 30/30 layers LinearizeAttention(hedgehog, window=64)",
+           "threads": args.threads, "prefill": rows, "decode": decode, "goals": goals, "torch": torch.__version__,
+           "linear_ort_levels": gen.levels,
+           "notes": ["prefill: one timed run per engine and length (16 K runs take minutes); the original ORT "
+                     "graph is one forward without a KV cache, so the original's decode step is eager only "
+                     "(SDPA + DynamicCache); above --ort-original-max the original ORT graph is skipped (its "
+                     "unfused attention needs heads x T^2 floats per layer)"]}
     (RESULTS / "long_context.json").write_text(json.dumps(out, indent=2))
     _plot(rows, decode, RESULTS / "long_context.png")
 
