@@ -342,7 +342,7 @@ def locate_divergence(path: str | Path, model: nn.Module, inputs: Sequence[Tenso
             value, node = same_shape[0]
             got = torch.from_numpy(np.ascontiguousarray(ort_values[value])).to(t.dtype)
             info = VerificationInfo.from_tensors(name=value, expected=t.cpu(), actual=got)
-            bad = bool((~torch.isclose(got.double(), t.cpu().double(), atol=atol, rtol=rtol)).any())
+            bad = bool((~torch.isclose(got.double(), t.cpu().double(), atol=atol, rtol=rtol, equal_nan=True)).any())
             report.modules.append(ModuleDivergence(
                 module=module, module_class=classes.get(module, "?"), onnx_value=value,
                 onnx_node=node.name, onnx_op=node.op_type, max_abs=float(info.max_abs_diff),

@@ -124,6 +124,9 @@ class OnnxGenerator:
         ids = torch.as_tensor(input_ids)
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
         logits, state = self.run_prefill(ids, mask)
+        if not np.isfinite(logits[:, -1]).all():
+            raise ExportError("prefill.onnx produced NaN/inf logits for the prompt; run surgeon.export.verify "
+                              "against the PyTorch model to see whether the model itself overflows")
         position = mask.sum(-1, keepdim=True).numpy()
         rng = np.random.default_rng(seed)
         done = np.zeros(ids.shape[0], dtype=bool)

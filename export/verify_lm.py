@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from surgeon.errors import VerificationError
+from surgeon.errors import ExportError, VerificationError
 from surgeon.export.generator import OnnxGenerator
 from surgeon.export.stateful_lm import PrefillLM
 from surgeon.report import format_table
@@ -47,6 +47,7 @@ class Comparison:
     over_1e2: int
     over_1e3: int
     passed: bool
+    finite: bool = True          # onnxruntime's output holds no NaN / inf
 
 
 @dataclass
@@ -121,7 +122,7 @@ def _compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, atol: float
     passed = finite and bool((err <= atol + rtol * np.abs(ref64)).all())
     return Comparison(case, name, float(err.max()) if err.size else 0.0,
                       float((err / (np.abs(ref64) + 1e-12)).max()) if err.size else 0.0, snr,
-                      int((err > 1e-2).sum()), int((err > 1e-3).sum()), passed)
+                      int((err > 1e-2).sum()), int((err > 1e-3).sum()), passed, finite)
 
 
 def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[int, int]] | None = None,
@@ -176,7 +177,11 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
 
     # greedy generation agreement with PyTorch
     prompt = torch.randint(0, vocab, (1, 16), generator=rng)
-    ort_tokens = gen.generate(prompt, max_new_tokens=n_generate)[0, 16:]
+    try:
+        ort_tokens = gen.generate(prompt, max_new_tokens=n_generate)[0, 16:]
+    except ExportError as e:                 # NaN/inf logits: recorded, the comparisons above name them
+        report.first_failure = f"generation on onnxruntime failed: {e}"
+        ort_tokens = torch.full((n_generate,), -1)
     eos = getattr(model.generation_config, "eos_token_id", None)
     model.generation_config.eos_token_id = None
     try:
@@ -189,10 +194,13 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     failures = [c for c in report.comparisons if not c.passed]
+    generation_error = report.first_failure
     if failures:
         c = failures[0]
-        report.first_failure = (f"{c.output} at shape {c.case}: max abs {c.max_abs:.3e} (atol {atol}, rtol {rtol})"
-                                + ("" if c.output == "logits" else " — the earliest layer whose state diverges"))
+        report.first_failure = (
+            f"{c.output} at shape {c.case}: onnxruntime returned NaN/inf" if not c.finite else
+            f"{c.output} at shape {c.case}: max abs {c.max_abs:.3e} (atol {atol}, rtol {rtol})"
+            + ("" if c.output == "logits" else " — the earliest layer whose state diverges"))
         if locate:
             from surgeon.export.divergence import divergence_or_reason
 
@@ -201,6 +209,8 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
     elif report.decode_vs_prefill_max_abs > atol:
         report.first_failure = (f"decode.onnx step-by-step differs from prefill.onnx by "
                                 f"{report.decode_vs_prefill_max_abs:.3e}")
+    elif generation_error is not None:
+        report.first_failure = generation_error
     elif report.greedy_agreement < 1.0:
         report.first_failure = f"greedy tokens agree on only {report.greedy_agreement:.1%} of {n_generate}"
     report.passed = report.first_failure is None
