@@ -124,7 +124,14 @@ def _is_projection(m: nn.Module) -> bool:
 
 
 def folded_weights(layer: nn.Module, T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight and bias of ``layer`` followed by ``u -> u @ T`` (``nn.Linear`` or ``Conv1D``), in float64."""
+    """Weight and bias of ``layer`` followed by ``u -> u @ T`` (``nn.Linear`` or ``Conv1D``), solved in float64.
+
+    Example:
+        >>> lin = nn.Linear(3, 2)
+        >>> w, b = folded_weights(lin, 2 * torch.eye(2, dtype=torch.float64))
+        >>> torch.allclose(w, 2 * lin.weight) and torch.allclose(b, 2 * lin.bias)
+        True
+    """
     w, b = layer.weight.detach().double(), None if layer.bias is None else layer.bias.detach().double()
     T = T.to(w.device, torch.float64)
     new_w = w @ T if _is_conv1d(layer) else T.t() @ w     # Conv1D: x W T; Linear: x (T^T W)^T
