@@ -106,7 +106,7 @@ def _export_graph(module: nn.Module, args: tuple, in_names: list[str], out_names
             torch.onnx.export(module, args, str(path), dynamo=True, external_data=True, dynamic_shapes=dynamic,
                               input_names=in_names, output_names=out_names, opset_version=opset, verbose=False)
     except Exception as e:
-        raise _exporter_error(module, e) from e
+        raise _exporter_error(module, e, args, dynamic) from e
     proto = onnx.load(str(path), load_external_data=False)
     if _rename_dims(proto):
         onnx.save(proto, str(path))      # external weights stay where they are

@@ -364,7 +364,30 @@ def _shorten(text: str, max_lines: int = 14, max_chars: int = 1400) -> str:
     return short if len(short) <= max_chars else short[:max_chars] + " [...]"
 
 
-def _exporter_error(model: nn.Module, e: BaseException) -> ExportError:
+def _op_call_sites(model: nn.Module, op: str, inputs: tuple[Any, ...], dynamic_shapes: Any) -> list[str]:
+    """Where ``op`` (e.g. ``aten._linalg_eigh``) is called: module path, class and source line, from a
+    ``torch.export`` capture (the capture succeeded; only the ONNX translation failed)."""
+    try:
+        with quiet_exporter(), model_eval_mode(model):
+            program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception:
+        return []
+    base = op.split(".")[-1].lstrip("_")          # aten._linalg_eigh (decomposed) <- aten.linalg_eigh
+    sites = []
+    for node in program.graph.nodes:
+        parts = str(node.target).split(".")
+        if node.op != "call_function" or len(parts) < 2 or parts[-2].lstrip("_") != base:
+            continue
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        where = f"module {stack[-1][0]!r} ({getattr(stack[-1][1], '__name__', stack[-1][1])})" if stack else "the root module"
+        trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+        line = next((ln.strip() for ln in reversed(trace) if ln.strip().startswith("File ")), "")
+        sites.append(f"{where}{', ' + line if line else ''}")
+    return sites
+
+
+def _exporter_error(model: nn.Module, e: BaseException, inputs: tuple[Any, ...] | None = None,
+                    dynamic_shapes: Any = None) -> ExportError:
     root = e
     seen = {id(root)}
     while root.__cause__ is not None and id(root.__cause__) not in seen:
@@ -379,8 +402,12 @@ def _exporter_error(model: nn.Module, e: BaseException) -> ExportError:
         hint = ("Python control flow on tensor values (`if x.sum() > 0`, `.item()`) cannot be "
                 "exported: use torch.where / torch.cond, or move the decision out of forward")
     elif "No ONNX function found" in text or "DispatchError" in type(root).__name__:
-        hint = ("an operator has no ONNX translation: replace it with supported ops, or register "
-                "a translation (torch.onnx.export's custom_translation_table)")
+        match = re.search(r"op='([\w.]+)'", text)
+        op = match.group(1) if match else "an operator"
+        sites = _op_call_sites(model, op, inputs, dynamic_shapes) if match and inputs is not None else []
+        where = f" (called in {'; '.join(sites[:3])})" if sites else ""
+        hint = (f"{op}{where} has no ONNX translation: replace it with supported ops in that module, "
+                "or register a translation (torch.onnx.export's custom_translation_table)")
     elif "Constraints violated" in text or "specialized" in text:
         hint = ("a dim declared dynamic is specialised by the model: drop it from dynamic_axes, "
                 "or remove the shape-dependent Python logic")
@@ -556,7 +583,7 @@ def _export(
                 input_names=input_names, output_names=output_names,
                 opset_version=opset, verbose=False)
     except Exception as e:
-        raise _exporter_error(model, e) from e
+        raise _exporter_error(model, e, inputs, dynamic_shapes if in_axes else None) from e
     if not onnx_file.is_file():
         raise ExportError(f"the exporter reported success but wrote no {onnx_file.name}")
 

@@ -292,3 +292,26 @@ def test_dynamic_dim_specialised_by_the_model_is_refused(tmp_path):
         to_onnx(model, tmp_path / "spec", torch.randn(2, 4))
     assert "batch = 2" in str(exc.value)  # torch.export's own diagnosis is quoted
     assert list(tmp_path.iterdir()) == []
+
+
+class _Spectrum(nn.Module):
+    def forward(self, x):
+        return torch.linalg.eigh(x @ x.transpose(-1, -2)).eigenvalues   # no ONNX translation
+
+
+class _WithSpectrum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.spec = nn.Linear(4, 4), _Spectrum()
+
+    def forward(self, x):
+        return self.spec(self.lin(x))
+
+
+def test_op_without_onnx_translation_names_the_op_and_the_module(tmp_path):
+    with pytest.raises(ExportError) as exc:
+        to_onnx(_WithSpectrum().eval(), tmp_path / "out", torch.randn(2, 3, 4))
+    msg = str(exc.value)
+    assert "linalg_eigh" in msg and "module 'spec'" in msg and "_Spectrum" in msg, msg
+    assert "custom_translation_table" in msg and "test_onnx_export.py" in msg   # the calling source line
+    assert list(tmp_path.iterdir()) == []
