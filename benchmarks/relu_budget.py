@@ -270,7 +270,7 @@ def main() -> None:
                    summary={"baseline_accuracy": 100 * base_acc})
     print(table)
     plot(rows, base_acc, out)
-    result = {"baseline_accuracy": base_acc, "rows": rows}
+    result = {"settings": vars(args), "baseline_accuracy": base_acc, "rows": rows}
 
     if not args.skip_fairness:
         (xi, yi), test_i = digits_split(imbalanced=True)
