@@ -6,7 +6,9 @@ chunked (chunk 64/128/256) and recurrent forms of ``surgeon.ops.linear_attention
 ``F.scaled_dot_product_attention(is_causal=True)``. Time is the median of several runs after a
 warm-up. GFLOP/s counts each form's matmul FLOPs (feature-map projection, intra-chunk scores and
 values, chunk states, window band; the dense T×N products for parallel; 2·H·T²·D/… for causal SDPA
-counting only the causal half) and is compared with a 1024³ fp32 matmul on the same machine.
+counting only the causal half) and is compared with a 1024³ fp32 matmul and with a square matmul
+doing the same FLOPs ("same-size"), on the same machine. The parallel form stops at 4 K tokens by
+default: its score matrices hold H·T² floats (9.7 GB at 16 K).
 
     python benchmarks/attention_ops.py [--lengths 512 1024 ...] [--max-quadratic 4096] [--out benchmarks/results]
 
@@ -48,6 +50,17 @@ def timed(fn: Callable[[], object], budget_s: float = 2.0, max_runs: int = 7) ->
 def matmul_gflops(n: int = 1024) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n ** 3 / timed(lambda: a @ b, budget_s=1.0) / 1e9
+
+
+_SAME_SIZE: dict[int, float] = {}
+
+
+def same_size_matmul_gflops(work: float) -> float:
+    """GFLOP/s of one square fp32 matmul doing the same FLOPs as ``work`` (n = (work/2)^⅓, rounded to 32)."""
+    n = max(32, int(round((work / 2) ** (1 / 3) / 32)) * 32)
+    if n not in _SAME_SIZE:
+        _SAME_SIZE[n] = matmul_gflops(n)
+    return _SAME_SIZE[n]
 
 
 def flops(form: str, T: int, Fdim: int, window: int, kind: str, chunk: int = 0) -> float:
@@ -129,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--max-quadratic", type=int, default=4096, help="longest length for the parallel form")
-    parser.add_argument("--max-recurrent", type=int, default=4096, help="longest length for the recurrent form")
+    parser.add_argument("--max-recurrent", type=int, default=16384, help="longest length for the recurrent form")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -141,16 +154,20 @@ def main() -> None:
                                                     desc="attention ops"):
         row = {"feature_map": kind, "window": window, "T": T, "form": form, "chunk": chunk or None}
         if skip:
-            rows.append({**row, "ms": None, "GFLOP/s": None, "vs matmul": None, "note": "skipped"})
+            rows.append({**row, "ms": None, "GFLOP/s": None, "vs matmul": None, "vs same-size matmul": None,
+                         "note": "skipped (parallel: H·T² floats per score matrix)" if form == "parallel" else "skipped"})
             continue
         sec = run_case(kind, window, T, form, chunk, *data[T])
         Fdim = 128 if kind == "hedgehog" else 64
-        rate = flops(form, T, Fdim, window, kind, chunk) / sec / 1e9
-        rows.append({**row, "ms": 1e3 * sec, "GFLOP/s": rate, "vs matmul": rate / peak, "note": ""})
+        work = flops(form, T, Fdim, window, kind, chunk)
+        rate = work / sec / 1e9
+        rows.append({**row, "ms": 1e3 * sec, "GFLOP/s": rate, "vs matmul": rate / peak,
+                     "vs same-size matmul": rate / same_size_matmul_gflops(work), "note": ""})
     sdpa = {r["T"]: r["ms"] for r in rows if r["form"] == "sdpa"}
     for r in rows:
         r["speed-up vs sdpa"] = sdpa[r["T"]] / r["ms"] if r["ms"] else None
-    columns = ["feature_map", "window", "T", "form", "chunk", "ms", "GFLOP/s", "vs matmul", "speed-up vs sdpa", "note"]
+    columns = ["feature_map", "window", "T", "form", "chunk", "ms", "GFLOP/s", "vs matmul", "vs same-size matmul",
+               "speed-up vs sdpa", "note"]
     table = Report(f"attention ops (fp32, batch 1, 9 q / 3 kv heads, D=64; {torch.get_num_threads()} threads; "
                    f"1024³ matmul {peak:.1f} GFLOP/s)", columns, rows)
     print(table)
@@ -158,14 +175,15 @@ def main() -> None:
     for r in rows:
         if r["form"] == "chunked" and r["ms"]:
             key = (r["feature_map"], r["window"])
-            best.setdefault(key, {}).setdefault(r["chunk"], []).append(r["vs matmul"])
-    print("\nmedian fraction of matmul GFLOP/s by chunk size:")
+            best.setdefault(key, {}).setdefault(r["chunk"], []).append(r["vs same-size matmul"])
+    print("\nmedian fraction of same-size matmul GFLOP/s by chunk size:")
     for key, per_chunk in best.items():
         print(" ", key, {c: round(statistics.median(v), 3) for c, v in per_chunk.items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attention_ops.json").write_text(json.dumps(
-        {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops": peak, "rows": rows},
+        {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops": peak,
+         "same_size_matmul_gflops": {str(n): g for n, g in sorted(_SAME_SIZE.items())}, "rows": rows},
         indent=2))
     plot(rows, out / "attention_ops.png")
     print(f"\nwrote {out / 'attention_ops.json'} and {out / 'attention_ops.png'}")
