@@ -136,10 +136,10 @@ def _float_values(proto: Any) -> set[str]:
             if v.type.tensor_type.elem_type in _FLOAT_TYPES}
 
 
-def _module_boundaries(proto: Any) -> dict[str, list[tuple[str, Any]]]:
+def _module_boundaries(proto: Any, node_scopes: list[list[str]]) -> dict[str, list[tuple[str, Any]]]:
     """module path -> [(value, producing node)] leaving that module's nodes, in graph order."""
     g = proto.graph
-    scopes = [set(_node_modules(n)) for n in g.node]
+    scopes = [set(m) for m in node_scopes]
     consumers: dict[str, list[int]] = {}
     for i, n in enumerate(g.node):
         for name in n.input:
@@ -220,7 +220,8 @@ def _torch_module_outputs(model: nn.Module, inputs: tuple[Tensor, ...], wanted: 
     return finished, {n for n, c in calls.items() if c > 1}
 
 
-def _weight_mismatches(proto: Any, model: nn.Module, atol: float, rtol: float) -> list[WeightMismatch]:
+def _weight_mismatches(proto: Any, node_scopes: list[list[str]], model: nn.Module, atol: float,
+                       rtol: float) -> list[WeightMismatch]:
     """The model's parameters / buffers whose values in the graph differ (model edited after export).
 
     Initializers are traced to the model by name, and through the innermost module of each node
@@ -235,16 +236,19 @@ def _weight_mismatches(proto: Any, model: nn.Module, atol: float, rtol: float) -
              **dict(model.named_buffers(remove_duplicate=False))}     # tied weights under every name
     own = {name: dict(m.named_parameters(recurse=False)) for name, m in model.named_modules()}
     inits = {i.name: i for i in proto.graph.initializer}
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}                # float64 copies, each made once
+    wants: dict[str, np.ndarray] = {}
 
     def error(init: str, pname: str, flip: bool) -> float | None:
         """Max abs difference beyond tolerance (0.0 when within it); None if the shapes differ."""
+        dims = tuple(inits[init].dims)
+        if (dims[::-1] if flip else dims) != tuple(state[pname].shape):
+            return None
         if init not in arrays:
             arrays[init] = numpy_helper.to_array(inits[init]).astype(np.float64)
-        got = arrays[init].T if flip else arrays[init]
-        want = state[pname].detach().cpu().double().numpy()
-        if got.shape != want.shape:
-            return None
+        if pname not in wants:
+            wants[pname] = state[pname].detach().cpu().double().numpy()
+        got, want = (arrays[init].T if flip else arrays[init]), wants[pname]
         err = np.abs(got - want)
         return float(err.max()) if (err > atol + rtol * np.abs(want)).any() else 0.0
 
@@ -254,8 +258,7 @@ def _weight_mismatches(proto: Any, model: nn.Module, atol: float, rtol: float) -
             e = error(name, name, False)
             if e:
                 out[name] = e
-    for node in proto.graph.node:
-        scopes = _node_modules(node)
+    for node, scopes in zip(proto.graph.node, node_scopes):
         params = own.get(scopes[-1], {}) if scopes else {}
         for name in node.input:
             if name not in inits or inits[name].data_type not in _FLOAT_TYPES or not params:
@@ -316,8 +319,9 @@ def locate_divergence(path: str | Path, model: nn.Module, inputs: Sequence[Tenso
     level = ort_level if ort_level is not None else spec.ort_level
 
     report = DivergenceReport(graph=str(onnx_path), atol=atol, rtol=rtol)
-    report.weights = _weight_mismatches(proto, model, atol, rtol)
-    boundaries = _module_boundaries(proto)
+    node_scopes = [_node_modules(n) for n in proto.graph.node]
+    report.weights = _weight_mismatches(proto, node_scopes, model, atol, rtol)
+    boundaries = _module_boundaries(proto, node_scopes)
     with model_eval_mode(model):
         finished, repeated = _torch_module_outputs(model, inputs, set(boundaries))
     values = sorted({v for vals in boundaries.values() for v, _ in vals})

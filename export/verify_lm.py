@@ -177,10 +177,11 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
 
     # greedy generation agreement with PyTorch
     prompt = torch.randint(0, vocab, (1, 16), generator=rng)
+    generation_error = None
     try:
         ort_tokens = gen.generate(prompt, max_new_tokens=n_generate)[0, 16:]
     except ExportError as e:                 # NaN/inf logits: recorded, the comparisons above name them
-        report.first_failure = f"generation on onnxruntime failed: {e}"
+        generation_error = f"generation on onnxruntime failed: {e}"
         ort_tokens = torch.full((n_generate,), -1)
     eos = getattr(model.generation_config, "eos_token_id", None)
     model.generation_config.eos_token_id = None
@@ -194,7 +195,6 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     failures = [c for c in report.comparisons if not c.passed]
-    generation_error = report.first_failure
     if failures:
         c = failures[0]
         report.first_failure = (
