@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from surgeon.ops.feature_maps import make_feature_map
 from surgeon.ops.linear_attention import linear_attention
-from surgeon.report import Report
+from surgeon.core.report import Report
 
 H, HKV, D = 9, 3, 64
 CHUNKS = (64, 128, 256)

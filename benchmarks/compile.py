@@ -43,7 +43,7 @@ import surgeon.export
 from surgeon.export.stateful_lm import DecodeLM, PrefillLM
 from surgeon.models.smollm2 import load_smollm2
 from surgeon.passes import LinearizeAttention
-from surgeon.report import Report
+from surgeon.core.report import Report
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -97,7 +97,7 @@ def _ort_levels(path: Path, linear: torch.nn.Module, threads: int, repeats: int,
     try:
         report = surgeon.export.optimize(path, linear, shapes=[(1, 64), (1, 512)], threads=threads,
                                          repeats=repeats, atol=atol, rtol=rtol)
-    except surgeon.errors.VerificationError as e:   # recorded; the sessions keep onnxruntime's default
+    except surgeon.core.errors.VerificationError as e:   # recorded; the sessions keep onnxruntime's default
         tqdm.write(f"onnxruntime levels: {e}")
         return {"error": str(e).splitlines()[0], "atol": atol, "rtol": rtol}
     tqdm.write(str(report))

@@ -25,7 +25,7 @@ import surgeon
 from surgeon.distill.evaluate import evaluate
 from surgeon.models.smollm2 import load_smollm2
 from surgeon.passes import LinearizeAttention
-from surgeon.report import format_table
+from surgeon.core.report import format_table
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ import torch
 
 import surgeon
 from surgeon.passes import ReplaceLinearBlocks, block_linearity
-from surgeon.passes.linear_blocks import SkippedBlock, plot_linearity
-from surgeon.report import format_table
-from surgeon.text_calibration import perplexity, token_chunks
+from surgeon.passes.linear_blocks.handler import SkippedBlock, plot_linearity
+from surgeon.core.report import format_table
+from surgeon.data.text import perplexity, token_chunks
 
 OUT = Path(__file__).parent / "results"
 

@@ -27,8 +27,8 @@ import surgeon
 import surgeon.export
 from surgeon.models.smollm2 import load_smollm2
 from surgeon.passes import LinearizeAttention
-from surgeon.passes.attention_costs import AttentionShape, softmax_state_bytes
-from surgeon.report import Report
+from surgeon.passes.attention.costs import AttentionShape, softmax_state_bytes
+from surgeon.core.report import Report
 
 RESULTS = Path(__file__).parent / "results"
 

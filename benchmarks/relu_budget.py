@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import surgeon
 import surgeon.export
 from surgeon.passes import BudgetSearchConfig, FinalizeReLU, LinearizeReLU, search_relu_budget
-from surgeon.private_costs import private_costs
-from surgeon.report import Report, group_accuracy
+from surgeon.costs.private import private_costs
+from surgeon.core.report import Report, group_accuracy
 
 
 # ------------------------------------------------------------------------------------------- data / model

@@ -23,7 +23,7 @@ import surgeon
 import surgeon.export
 from surgeon.models import efficientnet_lite0, imagenet_batch
 from surgeon.passes import FinalizeReLU, LinearizeReLU, linearize_near_linear
-from surgeon.report import Report
+from surgeon.core.report import Report
 
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 

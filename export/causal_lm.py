@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgeon.errors import ExportError
+from surgeon.core.errors import ExportError
 from surgeon.export.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec, load_manifest
 from surgeon.export.onnx_export import (
     ExportResult,

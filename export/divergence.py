@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from surgeon.errors import ExportError
+from surgeon.core.errors import ExportError
 from surgeon.export.manifest import load_manifest
 
 __all__ = ["locate_divergence", "divergence_or_reason", "DivergenceReport", "ModuleDivergence", "WeightMismatch"]

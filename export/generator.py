@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from surgeon.errors import ExportError
+from surgeon.core.errors import ExportError
 from surgeon.export.causal_lm import load_causal_lm_manifest
 
 _NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bool": np.bool_,

@@ -2,7 +2,7 @@
 
 ``to_onnx(model, dir, x, passes=[...])`` exports ``model`` with ``torch.export`` (same dynamic
 shapes as the ONNX export), applies the passes to the program's graph (ATen ops; see
-``surgeon.graph_patterns``) with ``surgeon.apply``, and converts the rewritten graph. The rewritten
+``surgeon.fx.patterns``) with ``surgeon.apply``, and converts the rewritten graph. The rewritten
 module is returned in ``ExportResult.surgery.model``: it is the reference for ``surgeon.export.verify``.
 
 Example:
@@ -22,10 +22,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from surgeon import graph_patterns
-from surgeon.api import Surgery, apply
-from surgeon.config import PassConfig
-from surgeon.errors import ExportError, SurgeonError
+from surgeon.fx import patterns as graph_patterns
+from surgeon.core.apply import Surgery, apply
+from surgeon.core.config import PassConfig
+from surgeon.core.errors import ExportError, SurgeonError
 
 
 def export_program_passes(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: Any,

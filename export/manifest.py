@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgeon.errors import ExportError
+from surgeon.core.errors import ExportError
 
 FORMAT = "surgeon.onnx"
 FORMAT_VERSION = 1

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from surgeon.errors import ExportError
+from surgeon.core.errors import ExportError
 from surgeon.export.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec
 
 __all__ = ["ExportResult", "to_onnx", "flatten_outputs", "model_eval_mode", "quiet_exporter"]
@@ -521,7 +521,7 @@ def _is_linearized_causal_lm(model: nn.Module) -> bool:
     """A causal LM whose attention ``LinearizeAttention`` swapped: exported as prefill + decode graphs."""
     if not hasattr(model, "generate"):
         return False
-    from surgeon.passes.attention_module import LinearAttention
+    from surgeon.passes.attention.module import LinearAttention
 
     return any(isinstance(m, LinearAttention) and m.is_causal for m in model.modules())
 

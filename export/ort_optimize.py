@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from surgeon.errors import ConfigError, ExportError, VerificationError
+from surgeon.core.errors import ConfigError, ExportError, VerificationError
 from surgeon.export.manifest import ORT_LEVELS, Manifest, load_manifest, manifest_path_for
-from surgeon.report import Report
+from surgeon.core.report import Report
 
 __all__ = ["LEVELS", "SAVE_LEVEL", "LevelResult", "OptimizeReport", "optimize", "parse_level",
            "session_options", "make_session"]
@@ -77,7 +77,7 @@ def parse_level(level: Any) -> str:
         >>> parse_level("fast")
         Traceback (most recent call last):
         ...
-        surgeon.errors.ConfigError: unknown onnxruntime graph optimization level 'fast'; use one of ['disabled', 'basic', 'extended', 'layout', 'all'] (or onnxruntime.GraphOptimizationLevel)
+        surgeon.core.errors.ConfigError: unknown onnxruntime graph optimization level 'fast'; use one of ['disabled', 'basic', 'extended', 'layout', 'all'] (or onnxruntime.GraphOptimizationLevel)
     """
     name = getattr(level, "name", None)  # onnxruntime.GraphOptimizationLevel member
     text = name if isinstance(name, str) else str(level) if isinstance(level, (str, int)) else None

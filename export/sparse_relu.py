@@ -40,8 +40,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from surgeon.errors import ConfigError, ExportError
-from surgeon.fx_graph import SurgeonUnit
+from surgeon.core.errors import ConfigError, ExportError
+from surgeon.fx.tracing import SurgeonUnit
 from surgeon.ops.activation import BinaryMaskedReLU, MaskedReLU, relu_kind
 from surgeon.ops.poly_units import BinaryMaskedPoly, poly_eval
 

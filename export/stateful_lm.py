@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionAndSlidingWindowAttentionLayer
 
-from surgeon.errors import ExportError
+from surgeon.core.errors import ExportError
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class StateLayout:
 
     @staticmethod
     def of(model: nn.Module) -> "StateLayout":
-        from surgeon.passes.attention_module import LinearAttention
+        from surgeon.passes.attention.module import LinearAttention
 
         units = sorted(((m.layer_idx, m) for m in model.modules() if isinstance(m, LinearAttention)),
                        key=lambda item: item[0])

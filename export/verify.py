@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from surgeon.errors import ExportError, VerificationError
+from surgeon.core.errors import ExportError, VerificationError
 from surgeon.export.manifest import GraphSpec, TensorSpec, load_manifest
 from surgeon.export.onnx_export import flatten_outputs, model_eval_mode
-from surgeon.report import Report
+from surgeon.core.report import Report
 
 __all__ = ["verify", "VerifyReport", "ShapeCheck", "OutputCheck", "DimCheck"]
 
@@ -164,7 +164,7 @@ class VerifyReport:
         return f"ONNX verification failed: {what} What to try: {todo}{more}"
 
     def to_report(self) -> Report:
-        """The result as a :class:`surgeon.report.Report` table (one line per shape and output)."""
+        """The result as a :class:`surgeon.core.report.Report` table (one line per shape and output)."""
         rows: list[dict[str, Any]] = []
         for r in self.rows:
             base = {"case": r.case, "inputs": r.shapes_str(), "ort_ms": r.ort_ms,

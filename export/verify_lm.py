@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from surgeon.errors import ExportError, VerificationError
+from surgeon.core.errors import ExportError, VerificationError
 from surgeon.export.generator import OnnxGenerator
 from surgeon.export.stateful_lm import PrefillLM
-from surgeon.report import format_table
+from surgeon.core.report import format_table
 
 
 @dataclass

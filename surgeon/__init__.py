@@ -9,11 +9,12 @@ Example:
 """
 __version__ = "0.1.0"
 
-from surgeon.api import Surgery, apply
-from surgeon.compile_backend import CompileReport, RecompilationWarning, SurgeonBackend, backend, compile
-from surgeon.config import PassConfig
-from surgeon.linearizer import Linearizer
-from surgeon.errors import (
+from surgeon.core.apply import Surgery, apply
+import surgeon.compile  # noqa: E402  (the package is callable: surgeon.compile(model, *passes))
+from surgeon.compile.backend import CompileReport, RecompilationWarning, SurgeonBackend, backend
+from surgeon.core.config import PassConfig
+from surgeon.ops.linearizer import Linearizer
+from surgeon.core.errors import (
     ConfigError,
     ExportError,
     PlanError,
@@ -25,11 +26,11 @@ from surgeon.errors import (
     TraceError,
     VerificationError,
 )
-from surgeon.pass_api import ModuleSwapHandler, PassContext, PassHandler, register_pass
-from surgeon.persist import load_recipe, restore, save
-from surgeon.recipe import Recipe
-from surgeon.report import Report, ReportGroup
-from surgeon.sites import Plan, Site
+from surgeon.core.handler import ModuleSwapHandler, PassContext, PassHandler, register_pass
+from surgeon.core.persist import load_recipe, restore, save
+from surgeon.core.recipe import Recipe
+from surgeon.core.report import Report, ReportGroup
+from surgeon.core.sites import Plan, Site
 
 import surgeon.passes  # noqa: E402,F401  (registers the built-in passes)
 

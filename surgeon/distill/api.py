@@ -43,8 +43,8 @@ from surgeon.distill.transfer import (
     set_transfer,
     stage1_state,
 )
-from surgeon.errors import ConfigError
-from surgeon.report import Report, ReportGroup
+from surgeon.core.errors import ConfigError
+from surgeon.core.report import Report, ReportGroup
 
 
 @dataclass

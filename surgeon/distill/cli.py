@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 
 
 def add_parser(sub) -> None:
@@ -48,10 +48,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import safetensors.torch
 
     import surgeon
-    from surgeon.cli import load_surgery
+    from surgeon.cli.commands import load_surgery
     from surgeon.distill import DistillConfig, distill, evaluate
     from surgeon.models.registry import resolve
-    from surgeon.persist import load_recipe
+    from surgeon.core.persist import load_recipe
 
     try:
         raw = json.loads(args.config)

@@ -18,7 +18,7 @@ Example:
     >>> DistillConfig(transfer_mode="sometimes").validate()
     Traceback (most recent call last):
     ...
-    surgeon.errors.ConfigError: DistillConfig.transfer_mode: 'sometimes' is not one of ['layer', 'block', 'joint']
+    surgeon.core.errors.ConfigError: DistillConfig.transfer_mode: 'sometimes' is not one of ['layer', 'block', 'joint']
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from surgeon.config import PassConfig
-from surgeon.errors import ConfigError
+from surgeon.core.config import PassConfig
+from surgeon.core.errors import ConfigError
 
 Stage = Literal["transfer", "lora"]
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 
 HELD_OUT_FRACTION = 0.2
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from surgeon.distill.config import DistillConfig
-from surgeon.errors import ConfigError, SurgeonError
+from surgeon.core.errors import ConfigError, SurgeonError
 
 CHECKPOINT_FORMAT = 1
 

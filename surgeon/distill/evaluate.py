@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgeon.distill.data import pack, pydoc_texts
-from surgeon.errors import ConfigError
-from surgeon.report import format_table
+from surgeon.core.errors import ConfigError
+from surgeon.core.report import format_table
 
 KEYS = ["apple", "river", "candle", "tiger", "marble", "forest", "window", "rocket", "garden", "pencil", "violin",
         "castle", "island", "mirror", "basket", "engine", "feather", "harbor", "lantern", "meadow", "planet",

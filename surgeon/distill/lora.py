@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgeon.distill.transfer import linear_units, new_parameters, set_transfer
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

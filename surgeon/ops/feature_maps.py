@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 
 FEATURE_MAP_KINDS = ("elu1", "relu", "hedgehog", "taylor2")
 HEDGEHOG_EPS = 1e-12

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from surgeon.errors import ConfigError
-from surgeon.fx_graph import SurgeonUnit
+from surgeon.core.errors import ConfigError
+from surgeon.fx.tracing import SurgeonUnit
 from surgeon.ops.feature_maps import make_feature_map
 
 NEG_THRESHOLD = -1e4  # an additive mask value at or below this hides the key

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from surgeon.errors import ConfigError
-from surgeon.fx_graph import SurgeonUnit
+from surgeon.core.errors import ConfigError
+from surgeon.fx.tracing import SurgeonUnit
 
 ActivationKind = Literal["leaky_relu", "prelu", "elu", "tanh", "sigmoid", "softplus"]
 BIJECTIVE_ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "prelu", "elu", "tanh", "sigmoid", "softplus")

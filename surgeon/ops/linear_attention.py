@@ -49,7 +49,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 
 FeatureFn = Callable[[Tensor], Tensor]
 CAUSAL_FORMS = ("parallel", "chunked", "recurrent")

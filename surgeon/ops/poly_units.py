@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from surgeon.fx_graph import SurgeonUnit
+from surgeon.fx.tracing import SurgeonUnit
 from surgeon.ops.activation import ActKind, BinaryMaskedReLU, MaskedReLU, activation, count_kept
 
 

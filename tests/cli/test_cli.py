@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.cli import main
+from surgeon.cli.commands import main
 
 MODEL = "surgeon_test_models:seeded_resnet"
 
@@ -30,7 +30,7 @@ def test_apply_saves_a_restorable_surgery(saved, capsys):
     x = torch.randn(3, 3, 10, 10)
     with torch.no_grad():
         torch.testing.assert_close(restored(x), seeded_resnet()(x), rtol=0, atol=1e-6)  # masks at init
-    sites = [site.name for site in surgeon.persist.load_recipe(saved).entries[0].sites]
+    sites = [site.name for site in surgeon.core.persist.load_recipe(saved).entries[0].sites]
     assert len(sites) == 10 and "head.mix.1" not in sites  # 11 call sites, one excluded
     assert main(["report", str(saved)]) == 0
     text = capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 
 @pytest.mark.slow
 def test_efficientnet_demo_linearizes_exports_and_verifies(tmp_path):
-    from surgeon.demo import run_demo
+    from surgeon.cli.demo import run_demo
 
     result = run_demo(tmp_path, show=False)
     assert result["sites"] == 33 and result["mask_init_max_abs_error"] <= 1e-5
@@ -22,7 +22,7 @@ def test_efficientnet_demo_linearizes_exports_and_verifies(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_demo_linearizes_every_layer_and_still_answers(tmp_path):
-    from surgeon.demo_llm import run_llm_demo
+    from surgeon.cli.demo_llm import run_llm_demo
 
     result = run_llm_demo(tmp_path, show=False, max_new_tokens=8)
     assert result["layers_converted"] == 30 and result["params_added"] == 1_474_830

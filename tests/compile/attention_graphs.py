@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from surgeon.passes.attention_fx import concrete_inputs
+from surgeon.passes.attention.fx import concrete_inputs
 
 SOURCES = ("symbolic_trace", "dynamo", "export", "export_decomposed")
 DIM, HEADS, KV_HEADS = 32, 4, 2

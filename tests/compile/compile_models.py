@@ -6,7 +6,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from surgeon.fx_graph import trace
+from surgeon.fx.tracing import trace
 from surgeon_test_models import Block as BasicBlock  # ResNet block: one self.relu called twice
 
 SOURCES = ("symbolic_trace", "dynamo", "export", "export_decomposed")

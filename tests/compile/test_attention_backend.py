@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 from surgeon.passes import LinearizeAttention
 
 from attention_graphs import Blocks, NoAttention, SdpaCausal

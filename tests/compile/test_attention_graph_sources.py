@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import surgeon
-from surgeon import graph_patterns
-from surgeon.errors import PlanError
-from surgeon.pass_api import PassContext, handler_for
+from surgeon.fx import patterns as graph_patterns
+from surgeon.core.errors import PlanError
+from surgeon.core.handler import PassContext, handler_for
 from surgeon.passes import LinearizeAttention
 
 from attention_graphs import CAUSAL, MODELS, SOURCES, NoAttention, build, first, graph_of, inputs_for

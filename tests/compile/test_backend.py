@@ -258,7 +258,7 @@ def test_recipe_weights_guarded(tmp_path) -> None:
     be = surgeon.backend(recipe=tmp_path / "ft", then="eager")
     with pytest.raises(Exception, match="other values than the recipe"):
         torch.compile(net, backend=be)(torch.randn(2, 4))
-    fixed = surgeon.compile_backend.with_recipe_weights(net, tmp_path / "ft")
+    fixed = surgeon.compile.backend.with_recipe_weights(net, tmp_path / "ft")
     out = torch.compile(fixed, backend=surgeon.backend(recipe=tmp_path / "ft", then="eager"))(torch.ones(2, 4))
     torch.testing.assert_close(out, s.model(torch.ones(2, 4)), atol=1e-6, rtol=1e-6)
 

@@ -7,9 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import surgeon
-from surgeon import graph_patterns
+from surgeon.fx import patterns as graph_patterns
 from surgeon.passes import FinalizeReLU, LinearizeReLU, masked_units
-from surgeon.passes.relu import relu_sites
+from surgeon.passes.relu.handler import relu_sites
 
 from compile_models import SOURCES, Spellings, TinyResNet, capture, seeded
 

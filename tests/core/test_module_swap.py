@@ -14,8 +14,8 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import surgeon
-import surgeon.pass_api as pass_api
-from surgeon.config import PassConfig
+import surgeon.core.handler as pass_api
+from surgeon.core.config import PassConfig
 
 
 class ScaledBlock(nn.Module):

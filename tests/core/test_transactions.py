@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import surgeon
-import surgeon.passes.relu as relu_pass
+import surgeon.passes.relu.handler as relu_pass
 from surgeon.passes import FinalizeReLU, LinearizeReLU, masked_units
 
 

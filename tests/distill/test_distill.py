@@ -12,7 +12,7 @@ import surgeon
 from surgeon.distill import DistillConfig, DistillError, original_attention
 from surgeon.distill.data import ngram_overlap, pack, pydoc_texts, topic_split
 from surgeon.distill.transfer import layer_errors, linear_units, new_parameters
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 from surgeon.passes import LinearizeAttention
 
 VOCAB = 97

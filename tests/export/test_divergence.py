@@ -10,7 +10,7 @@ from torch import nn
 
 import surgeon
 import surgeon.export
-from surgeon.errors import ExportError, VerificationError
+from surgeon.core.errors import ExportError, VerificationError
 from surgeon.export import locate_divergence
 from surgeon.passes import LinearizeAttention
 

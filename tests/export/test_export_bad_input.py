@@ -11,7 +11,7 @@ import torch
 
 import surgeon
 import surgeon.export
-from surgeon.errors import ExportError
+from surgeon.core.errors import ExportError
 from surgeon.passes import LinearizeAttention
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "passes"))

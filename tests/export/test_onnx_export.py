@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import surgeon.export
-from surgeon.errors import ExportError, VerificationError
+from surgeon.core.errors import ExportError, VerificationError
 from surgeon.export import flatten_outputs, load_manifest, to_onnx, verify
 
 

@@ -12,7 +12,7 @@ import torch
 
 import surgeon
 import surgeon.export
-from surgeon.errors import ConfigError, ExportError, VerificationError
+from surgeon.core.errors import ConfigError, ExportError, VerificationError
 from surgeon.export import ort_optimize as ortopt
 from surgeon.export.stateful_lm import PrefillLM
 from surgeon.passes import LinearizeAttention
@@ -191,7 +191,7 @@ def test_bad_levels_are_clear_errors(cnn_export, tmp_path):
 
 
 def test_cli_export_with_levels_and_verify_prints_the_table(tmp_path, capsys):
-    from surgeon.cli import main
+    from surgeon.cli.commands import main
 
     surgery, onnx_dir = tmp_path / "surgery", tmp_path / "onnx"
     assert main(["apply", "--model", "surgeon_test_models:seeded_resnet", "--pass", "LinearizeReLU",

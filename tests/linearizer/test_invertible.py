@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import surgeon.export
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 from surgeon.ops.invertible import (
     ActNorm, AffineCoupling, Bias, InverseActivation, InverseOf, InvertibleLinear, InvertibleSequential,
 )

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 import surgeon
-from surgeon.errors import ConfigError, PlanError
+from surgeon.core.errors import ConfigError, PlanError
 from surgeon.passes import ReplaceLinearBlocks, block_linearity
-from surgeon.passes.linear_blocks import SkippedBlock, affine_r2, fit_spans, find_blocks, _Moments
+from surgeon.passes.linear_blocks.handler import SkippedBlock, affine_r2, fit_spans, find_blocks, _Moments
 
 from lin_helpers import _one_thread, tiny_llama, token_batches  # noqa: F401 (fixtures)
 
@@ -173,7 +173,7 @@ def test_block_with_different_in_and_out_shapes_is_rejected():
 
 
 def test_cli_report_linearity(tmp_path, capsys):
-    from surgeon.cli import main
+    from surgeon.cli.commands import main
 
     rc = main(["report", "--linearity", "lin_helpers:tiny_llama_factory", "--chunks", "8", "--seq-len", "16",
                "--plot", str(tmp_path / "l.png"), "--json", str(tmp_path / "l.json")])

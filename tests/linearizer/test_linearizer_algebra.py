@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.errors import ConfigError
-from surgeon.linearizer import Linearizer
+from surgeon.core.errors import ConfigError
+from surgeon.ops.linearizer import Linearizer
 from surgeon.ops.invertible import ActNorm
 
 from lin_helpers import _one_thread, chain  # noqa: F401 (fixtures)

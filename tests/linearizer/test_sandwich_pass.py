@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import surgeon
 import surgeon.export
-from surgeon.errors import ConfigError, PlanError, SelectionError
-from surgeon.linearizer import Linearizer
+from surgeon.core.errors import ConfigError, PlanError, SelectionError
+from surgeon.ops.linearizer import Linearizer
 from surgeon.passes import LinearizerSandwich
 
 ACTS = {

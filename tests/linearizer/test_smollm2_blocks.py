@@ -8,8 +8,8 @@ import torch
 
 import surgeon
 from surgeon.passes import ReplaceLinearBlocks
-from surgeon.passes.linear_blocks import SkippedBlock
-from surgeon.text_calibration import perplexity, token_chunks
+from surgeon.passes.linear_blocks.handler import SkippedBlock
+from surgeon.data.text import perplexity, token_chunks
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 from surgeon.ops.feature_maps import FEATURE_MAP_KINDS, FeatureMap, feature_dim_of, make_feature_map
 
 F64 = torch.float64

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 from surgeon.ops.feature_maps import FEATURE_MAP_KINDS, make_feature_map
 from surgeon.ops.linear_attention import (bidirectional_linear_attention, linear_attention,
                                           local_window_mask)

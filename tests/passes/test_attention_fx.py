@@ -18,13 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import surgeon
-from surgeon.errors import ConfigError, PlanError, SelectionError
+from surgeon.core.errors import ConfigError, PlanError, SelectionError
 from surgeon.ops.fx_attention_unit import FxLinearAttention, key_mask_from
 from surgeon.ops.linear_attention import bidirectional_linear_attention, linear_attention, local_window_mask
-from surgeon.pass_api import PassContext
+from surgeon.core.handler import PassContext
 from surgeon.passes import LinearizeAttention
-from surgeon.passes.attention_fx import find_attention, plan_fx_attention, rewrite_fx_attention, trace_for_attention
-from surgeon.fx_graph import propagate_shapes
+from surgeon.passes.attention.fx import find_attention, plan_fx_attention, rewrite_fx_attention, trace_for_attention
+from surgeon.fx.tracing import propagate_shapes
 
 # ----------------------------------------------------------------------------------------------
 # models: each attention module has project() (q, k, v) and finish() so a reference can re-run it
@@ -596,7 +596,7 @@ def test_an_input_mask_that_is_causal_makes_the_site_causal_and_keeps_its_paddin
 
 
 def test_save_restore_and_report_of_a_rewritten_graph(tmp_path):
-    from surgeon.passes.attention_fx import report_fx_attention
+    from surgeon.passes.attention.fx import report_fx_attention
 
     model, example, test_inputs = _build("padded")
     config = LinearizeAttention(window=0)

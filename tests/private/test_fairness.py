@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 
 import surgeon
-from surgeon.errors import ConfigError
+from surgeon.core.errors import ConfigError
 from surgeon.passes import BudgetSearchConfig, LinearizeReLU, search_relu_budget, select_top_k
-from surgeon.passes.relu_budget import finetune, relu_units, _teacher_of
-from surgeon.report import group_accuracy
+from surgeon.passes.relu.budget import finetune, relu_units, _teacher_of
+from surgeon.core.report import group_accuracy
 
 
 def _blobs(seed, n_major=300, n_minor=12):

@@ -10,15 +10,15 @@ import torch
 import torch.nn as nn
 
 import surgeon
-from surgeon.errors import ConfigError, PlanError, SurgeonError
+from surgeon.core.errors import ConfigError, PlanError, SurgeonError
 from surgeon.ops.activation import MaskedReLU
 from surgeon.ops.poly_units import MaskedPolyReLU
 from surgeon.passes import (
     BudgetSearchConfig, FinalizeReLU, LinearizeReLU, fit_polynomials, fold_linear_ops, kept_relus,
     search_relu_budget, select_top_k, total_relus,
 )
-from surgeon.passes.relu_budget import relu_units
-from surgeon.private_costs import PRESETS, Protocol, private_costs
+from surgeon.passes.relu.budget import relu_units
+from surgeon.costs.private import PRESETS, Protocol, private_costs
 
 
 class Net(nn.Module):
@@ -60,7 +60,7 @@ def test_top_k_is_exact(granularity, budget, data):
     assert kept_relus(s.model) == want
     f = surgeon.apply(s, FinalizeReLU())
     assert f.report["FinalizeReLU"].totals["relus"] == want
-    assert f.report["model (per example)"].rows[2]["after"] == want  # surgeon.costs agrees
+    assert f.report["model (per example)"].rows[2]["after"] == want  # surgeon.costs.macs agrees
 
 
 @pytest.mark.parametrize("method", ["snl", "autorep", "calibration"])

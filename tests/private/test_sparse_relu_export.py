@@ -10,7 +10,7 @@ import torch.nn as nn
 import surgeon
 from surgeon.export.sparse_relu import count_relu_elements, to_sparse_onnx
 from surgeon.passes import FinalizeReLU, LinearizeReLU, fit_polynomials, select_top_k
-from surgeon.passes.relu_budget import relu_units
+from surgeon.passes.relu.budget import relu_units
 
 
 class Net(nn.Module):

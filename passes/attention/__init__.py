@@ -1,0 +1,1 @@
+"""``LinearizeAttention``: config, module-swap and FX handlers, the inserted module, costs."""

@@ -1,0 +1,1 @@
+"""``ReplaceLinearBlocks``: measure block linearity, fold the most linear spans away."""

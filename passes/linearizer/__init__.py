@@ -1,0 +1,1 @@
+"""``LinearizerSandwich``: replace layers by fitted or exact Linearizers."""

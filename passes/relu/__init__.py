@@ -1,0 +1,1 @@
+"""ReLU linearization for private inference: masks, budget search, calibration, folding."""

@@ -1,0 +1,1 @@
+"""The ``surgeon`` command line (``commands``) and the demos."""

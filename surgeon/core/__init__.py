@@ -1,0 +1,1 @@
+"""The pass framework: config, registry and handler templates, sites, apply, transactions, recipes, persistence, reports."""

@@ -1,0 +1,131 @@
+"""``surgeon.apply``: plan every pass, then rewrite, transactionally, and record a recipe.
+
+Example:
+    >>> import torch, torch.nn as nn, surgeon
+    >>> from surgeon.passes import LinearizeReLU
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> surgery = surgeon.apply(net, LinearizeReLU(granularity="layer"))
+    >>> [e.pass_name for e in surgery.recipe.entries]
+    ['LinearizeReLU']
+    >>> x = torch.randn(3, 4); torch.equal(surgery.model(x), net(x))
+    True
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from surgeon.core.config import PassConfig
+from surgeon.costs.macs import ModelCosts, measure
+from surgeon.core.errors import ConfigError, RewriteError, SurgeonError
+from surgeon.core.handler import PassContext, handler_for
+from surgeon.core.recipe import Recipe, RecipeEntry, describe_inputs, fingerprint
+from surgeon.core.report import Report, ReportGroup
+from surgeon.core.sites import Site
+from surgeon.core.transaction import Transaction
+
+
+@dataclass
+class Surgery:
+    """The result of ``surgeon.apply``: the rewritten model, what was done (recipe) and a report."""
+
+    model: nn.Module
+    recipe: Recipe
+    report: ReportGroup
+    example_inputs: tuple[Any, ...] | None = None
+    costs_before: ModelCosts | None = None
+    history: list[Report] = field(default_factory=list)
+
+
+def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise ConfigError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _summary(before: ModelCosts, after: ModelCosts) -> Report:
+    rows = []
+    for key in ("params", "macs", "relu_count", "relu_sites"):
+        b, a = getattr(before, key), getattr(after, key)
+        rows.append({"metric": key, "before": b, "after": a,
+                     "change": (a - b) if isinstance(a, int) and isinstance(b, int) else None})
+    return Report("model (per example)", ["metric", "before", "after", "change"], rows)
+
+
+def apply(
+    model: nn.Module | Surgery,
+    *passes: PassConfig,
+    example_inputs: Any = None,
+    inplace: bool = False,
+    recorded: Sequence[Sequence[Site]] | None = None,
+) -> Surgery:
+    """Apply ``passes`` in order and return a :class:`Surgery`.
+
+    Args:
+        model: an ``nn.Module``, or a previous ``Surgery`` to continue (its recipe is extended).
+        passes: pass configs (``LinearizeReLU(...)``, ...).
+        example_inputs: a tensor or tuple; needed by passes that size things from shapes.
+        inplace: rewrite ``model`` itself (rolled back exactly if any pass fails) instead of a copy.
+        recorded: per pass, the sites a recipe recorded (used by ``surgeon.restore``).
+
+    Nothing is changed if any pass fails: the error is raised and the model is as it was.
+    """
+    previous = model if isinstance(model, Surgery) else None
+    if previous is not None:
+        model = previous.model
+        if example_inputs is None:
+            example_inputs = previous.example_inputs
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"surgeon.apply needs a torch.nn.Module, got {type(model).__name__}")
+    if not passes:
+        raise ConfigError("surgeon.apply needs at least one pass, e.g. surgeon.apply(model, LinearizeReLU())")
+    for p in passes:
+        handler_for(p)
+        p.validate()
+    if recorded is not None and len(recorded) != len(passes):
+        raise ConfigError(f"recorded sites given for {len(recorded)} passes but {len(passes)} passes")
+    inputs = _as_inputs(example_inputs)
+
+    recipe = copy.deepcopy(previous.recipe) if previous else Recipe(base=fingerprint(model))
+    if recipe.example_inputs is None:
+        recipe.example_inputs = describe_inputs(inputs)
+    before = previous.costs_before if previous else measure(model, inputs)
+    history = list(previous.history) if previous else []
+
+    work = model if inplace else copy.deepcopy(model)
+    with Transaction(work) if inplace else _NoTransaction():
+        try:
+            for i, p in enumerate(passes):
+                handler = handler_for(p)
+                ctx = PassContext(example_inputs=inputs,
+                                  recorded_sites=list(recorded[i]) if recorded is not None else None)
+                plan = handler.plan(work, p, ctx)
+                work = handler.rewrite(work, p, plan, ctx)
+                recipe.entries.append(RecipeEntry(p.pass_name, p.to_dict(), plan.sites))
+                history.append(handler.report(work, p, plan, ctx))
+        except SurgeonError:
+            raise
+        except Exception as e:
+            raise RewriteError(
+                f"{type(p).__name__} failed while rewriting ({type(e).__name__}: {e}); "
+                f"the model was left unchanged"
+            ) from e
+    after = measure(work, inputs)
+    report = ReportGroup("surgery", history + [_summary(before, after)])
+    return Surgery(work, recipe, report, inputs, before, history)
+
+
+class _NoTransaction:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False

@@ -1,0 +1,1 @@
+"""Cost models: parameters and MACs (``macs``), private-inference costs (``private``)."""

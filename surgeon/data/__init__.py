@@ -1,0 +1,1 @@
+"""Offline data for calibration and evaluation (CPython's documentation prose)."""

@@ -1,0 +1,1 @@
+"""Reading and writing FX graphs from any source: tracing, op tables, scopes, unit placement."""
