@@ -33,6 +33,9 @@ from surgeon.core.report import Report, ReportGroup
 from surgeon.core.sites import Plan, Site
 
 import surgeon.passes  # noqa: E402,F401  (registers the built-in passes)
+from surgeon.models.hf_classes import register as _register_hf  # noqa: E402
+
+_register_hf()   # AutoConfig / AutoModelForCausalLM know model_type "surgeon" (folders of surgeon.export.to_hf)
 
 __all__ = [
     "apply", "Surgery", "save", "restore", "load_recipe", "Recipe", "PassConfig", "PassHandler",
