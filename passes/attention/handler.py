@@ -20,6 +20,7 @@ import torch.nn as nn
 from surgeon.core.errors import ConfigError, PlanError
 from surgeon.fx.tracing import get_submodule, set_submodule
 from surgeon.core.handler import PassContext, PassHandler, match_recorded, register_pass
+from surgeon.passes.attention.checks import check_modules, linearized_modules, match_original, unwrap_peft
 from surgeon.passes.attention.config import LinearizeAttention
 from surgeon.passes.attention.costs import AttentionShape, cost_rows
 from surgeon.passes.attention.layout import (
@@ -78,7 +79,12 @@ class LinearizeAttentionHandler(PassHandler):
 
     def plan(self, model: nn.Module, config: LinearizeAttention, ctx: PassContext) -> Plan:
         found = find_attention_modules(model)
-        if not found and is_transformers_module(model):
+        done = linearized_modules(model)
+        if done and not found:
+            raise PlanError(f"{type(model).__name__} is already linearized: {len(done)} LinearAttention modules "
+                            f"({done[0]}, ...) and no softmax attention left to convert; apply the pass to the "
+                            "original model instead")
+        if not found and is_transformers_module(unwrap_peft(model)):
             attention_like = sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()})
             raise PlanError(
                 f"no attention module with a known q/k/v layout in {type(model).__name__}: looked for children "
@@ -101,6 +107,9 @@ class LinearizeAttentionHandler(PassHandler):
                                   resolve_module=lambda s: get_submodule(model, s.name),
                                   what="attention module")
         layouts = dict(found)
+        picked = [(s.name, layouts[s.name]) for s in chosen]
+        layouts.update(check_modules(model, picked, config.window, verify=True,
+                                     layer_of={s.name: s.data["layer"] for s in chosen}))
         return Plan(chosen, state={"layouts": {s.name: layouts[s.name] for s in chosen}})
 
     @staticmethod
@@ -110,8 +119,8 @@ class LinearizeAttentionHandler(PassHandler):
         by_layer = {s.data["layer"]: s for s in sites}
         missing = [i for i in config.layers if i not in by_layer]
         if missing:
-            raise ConfigError(f"LinearizeAttention.layers {missing} out of range: the model has attention layers "
-                              f"{min(by_layer)}..{max(by_layer)} ({len(by_layer)} layers)")
+            raise ConfigError(f"LinearizeAttention.layers {missing} out of range: the model has no softmax attention module at "
+                              f"these layers; its convertible layers are {sorted(by_layer)}")
         return [by_layer[i] for i in sorted(config.layers)]
 
     def needs_recipe(self, config: LinearizeAttention) -> str | None:
@@ -140,8 +149,12 @@ class LinearizeAttentionHandler(PassHandler):
         from surgeon.passes.attention.module import LinearAttention
 
         layouts = plan.state["layouts"]
-        new = [LinearAttention(get_submodule(model, s.name), layouts[s.name], config, s.data["layer"],
-                               layouts[s.name].causal) for s in plan.sites]
+        new = []
+        for s in plan.sites:
+            original, lay = get_submodule(model, s.name), layouts[s.name]
+            module = LinearAttention(original, lay, config, s.data["layer"], lay.causal)
+            match_original(module, original, lay.projection_names + [n for n in (lay.q_norm, lay.k_norm) if n])
+            new.append(module)
         for site, module in zip(plan.sites, new):
             set_submodule(model, site.name, module)
         return model

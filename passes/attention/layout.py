@@ -19,7 +19,7 @@ import inspect
 import re
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -34,8 +34,8 @@ SEPARATE_QKV = (
     ("to_q", "to_k", "to_v"),
 )
 FUSED_QKV = ("c_attn", "qkv_proj", "qkv", "Wqkv")
-OUTPUT_PROJ = ("o_proj", "c_proj", "out_proj", "wo", "to_out", "dense")
-QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+OUTPUT_PROJ = ("o_proj", "c_proj", "out_proj", "wo", "Wo", "to_out", "dense")
+QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"), ("query_layernorm", "key_layernorm"))
 
 
 @dataclass
@@ -58,6 +58,11 @@ class AttentionLayout:
     cache_arg: str | None
     signature: inspect.Signature
     rotary: Callable | None
+    fused_split: tuple[int, int, int] | None = None
+    norm_placement: str = "per_head"
+    use_rotary: bool = True
+    own_window: int | None = None
+    norm_after_rotary: bool = False
 
     @property
     def projection_names(self) -> list[str]:
@@ -65,7 +70,10 @@ class AttentionLayout:
 
 
 def _linear_out(module: nn.Module) -> int | None:
-    """Output features of nn.Linear or GPT-2's Conv1D (weight (in, out))."""
+    """Output features of nn.Linear, GPT-2's Conv1D (weight (in, out)) or a peft layer wrapping one."""
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, nn.Module) and type(module).__module__.startswith("peft."):
+        return _linear_out(base)
     if isinstance(module, nn.Linear):
         return module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
@@ -105,19 +113,17 @@ def describe(module: nn.Module, fqn: str) -> AttentionLayout | None:
         return None
     config = getattr(module, "config", None)
     children = dict(module.named_children())
+    total = _linear_out(children[fused]) if fused else None
     if separate:
         q_out, k_out = _linear_out(children[separate[0]]), _linear_out(children[separate[1]])
-    else:
-        total = _linear_out(children[fused])
-        if total % 3:
-            raise PlanError(f"{fqn}.{fused}: fused qkv projection has {total} outputs, not divisible by 3 (q | k | v)")
-        q_out = k_out = total // 3
     n_heads = _first_int(getattr(module, "num_heads", None), getattr(module, "num_attention_heads", None),
                          getattr(config, "num_attention_heads", None))
     head_dim = _first_int(getattr(module, "head_dim", None), getattr(module, "attention_head_size", None),
                           getattr(config, "head_dim", None))
     if n_heads is None and head_dim is None:
         raise PlanError(f"{fqn}: cannot tell the number of heads (no num_heads / head_dim on the module or its config)")
+    if fused:
+        q_out, k_out = _fused_sizes(module, config, fqn, fused, total, n_heads, head_dim)
     head_dim = head_dim or q_out // n_heads
     n_heads = n_heads or q_out // head_dim
     if n_heads * head_dim != q_out or k_out % head_dim:
@@ -134,12 +140,85 @@ def describe(module: nn.Module, fqn: str) -> AttentionLayout | None:
     out = next((n for n in OUTPUT_PROJ if n in children and _linear_out(children[n])), None)
     norms = next(((a, b) for a, b in QK_NORMS if a in children and b in children), (None, None))
     layer_idx = getattr(module, "layer_idx", None)
+    own_window = _own_window(module, config, layer_idx)
     return AttentionLayout(
         q=separate[0] if separate else None, k=separate[1] if separate else None, v=separate[2] if separate else None,
         fused=fused, out=out, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, scale=scale, causal=causal,
         q_norm=norms[0], k_norm=norms[1], layer_idx=layer_idx if isinstance(layer_idx, int) else None,
         cache_arg=cache_arg, signature=inspect.signature(module.forward), rotary=_rotary_function(module),
+        fused_split=(q_out, k_out, total - q_out - k_out) if fused else None,
+        norm_placement=norm_placement(module, norms[0], n_heads, head_dim, fqn) if norms[0] else "per_head",
+        use_rotary=bool(getattr(module, "use_rope", True)),
+        norm_after_rotary=bool(norms[0]) and _called_after_rotary(module, norms[0]),
+        own_window=own_window,
     )
+
+
+def _own_window(module: nn.Module, config, layer_idx) -> int | None:
+    """The model's own sliding window for this layer: the module's ``sliding_window``, else the config's
+    (per layer through ``layer_types`` when it has them, else for every layer); None for global attention."""
+    if hasattr(module, "sliding_window"):
+        value = module.sliding_window
+    else:
+        value = getattr(config, "sliding_window", None)
+        kinds = getattr(config, "layer_types", None)
+        if isinstance(kinds, (list, tuple)) and isinstance(layer_idx, int) and layer_idx < len(kinds):
+            value = value if kinds[layer_idx] in ("sliding_attention", "chunked_attention") else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _fused_sizes(module: nn.Module, config, fqn: str, fused: str, total: int, n_heads: int | None,
+                 head_dim: int | None) -> tuple[int, int]:
+    """(q, k) output sizes of a fused q | k | v projection, from the head counts (any heads / kv-heads split)."""
+    n_kv = _first_int(getattr(module, "num_key_value_heads", None), getattr(module, "num_kv_heads", None),
+                      getattr(config, "num_key_value_heads", None))
+    if getattr(module, "multi_query", getattr(config, "multi_query", False)) is True:
+        n_kv = 1
+    if n_heads and head_dim:
+        n_kv = n_kv or (total - n_heads * head_dim) // (2 * head_dim)
+        q_out, k_out = n_heads * head_dim, n_kv * head_dim
+        if q_out + 2 * k_out == total:
+            return q_out, k_out
+    elif total % 3 == 0:
+        return total // 3, total // 3
+    raise PlanError(f"{fqn}.{fused}: fused qkv projection has {total} outputs, which is not q | k | v for "
+                    f"{n_heads} query heads, {n_kv} key/value heads and head_dim {head_dim}; set the module's or the "
+                    "config's num_attention_heads / num_key_value_heads / head_dim to the projection's layout")
+
+
+def _called_after_rotary(module: nn.Module, name: str) -> bool:
+    """Whether the forward calls ``self.<name>(`` after applying rotary (NanoChat, HunYuan), read from its source."""
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    norm, rotary = src.find(f"self.{name}("), src.find("rotary")
+    return norm >= 0 and 0 <= rotary < norm
+
+
+def norm_placement(module: nn.Module, name: str, n_heads: int, head_dim: int | None, fqn: str) -> str:
+    """Where a q/k norm applies, read from its parameters: ``flat`` over the whole projection (OLMo),
+    ``per_head`` over each head's last dim (Qwen3, weightless RMS/L2 norms, Cohere's (heads, head_dim)
+    weight on (…, heads, head_dim)), or ``heads_first`` for a list of per-head norms on (B, H, T, D)
+    (StableLM's ``qk_layernorm``)."""
+    norm = getattr(module, name)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        if head_dim and weight.dim() == 1 and weight.numel() == head_dim:
+            return "per_head"
+        if head_dim and weight.dim() == 2 and weight.shape[-1] == head_dim:
+            return "per_head"
+        if weight.dim() == 1:
+            return "flat"
+    parts = [m for m in norm.children() if isinstance(m, nn.ModuleList)]
+    if parts and len(parts[0]) == n_heads:
+        return "heads_first"
+    if not list(norm.parameters()):
+        return "per_head"
+    shapes = {n: tuple(p.shape) for n, p in norm.named_parameters()}
+    raise ConfigError(f"{fqn}.{name} ({type(norm).__name__}, parameters {shapes}): surgeon cannot tell whether this "
+                      f"q/k norm applies per head (head_dim {head_dim}) or over the whole projection; "
+                      "leave this layer out (layers=[...]) or open an issue with this message")
 
 
 def is_transformers_module(module: nn.Module) -> bool:
@@ -185,9 +264,45 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def qk_heads(layout: AttentionLayout, y: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """A q or k projection (B, T, H·D) as heads (B, H, T, D), through its q/k norm where the model applies it."""
+    if layout.norm_after_rotary:
+        norm = None                              # applied by position_qk
+    if norm is not None and layout.norm_placement == "flat":
+        y = norm(y)
+    y = y.view(*y.shape[:-1], -1, layout.head_dim)
+    if norm is not None and layout.norm_placement == "per_head":
+        y = norm(y)
+    y = y.transpose(1, 2)
+    if norm is not None and layout.norm_placement == "heads_first":
+        y = norm(y)
+    return y
+
+
+def position_qk(layout: AttentionLayout, q: torch.Tensor, k: torch.Tensor, position_embeddings: Any,
+                owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary (when the model passes cos/sin), then the q/k norms that the model applies after rotary."""
+    if position_embeddings is not None:
+        q, k = apply_rotary(layout, q, k, *position_embeddings)
+    if layout.norm_after_rotary:
+        q, k = getattr(owner, layout.q_norm)(q), getattr(owner, layout.k_norm)(k)
+    return q, k
+
+
 def apply_rotary(layout: AttentionLayout, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The family's own rotary function when it has one, else the standard rotate-half form."""
+    """The family's own rotary function when it has one, else the standard rotate-half form.
+
+    Layers without rotary (``use_rotary`` False: SmolLM3's NoPE layers) pass q, k through; a rotary
+    table narrower than head_dim (partial rotary: StableLM, Phi) rotates the leading dims only.
+    """
+    if not layout.use_rotary:
+        return q, k
+    rot = cos.shape[-1]
+    if rot < q.shape[-1]:
+        (q_rot, q_pass), (k_rot, k_pass) = q.split([rot, q.shape[-1] - rot], -1), k.split([rot, k.shape[-1] - rot], -1)
+        q_rot, k_rot = apply_rotary(layout, q_rot, k_rot, cos, sin)
+        return torch.cat([q_rot, q_pass], -1), torch.cat([k_rot, k_pass], -1)
     if layout.rotary is not None:
         return layout.rotary(q, k, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

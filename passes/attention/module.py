@@ -35,7 +35,7 @@ from surgeon.core.errors import ConfigError
 from surgeon.ops.feature_maps import make_feature_map
 from surgeon.ops.linear_attention import bidirectional_linear_attention, linear_attention, local_window_mask
 from surgeon.passes.attention.config import LinearizeAttention
-from surgeon.passes.attention.layout import AttentionLayout, apply_rotary
+from surgeon.passes.attention.layout import AttentionLayout, position_qk, qk_heads
 
 GATE_NORMALIZER = 16.0  # GLA / Liger: log α = logsigmoid(g) / 16 keeps decays close to 1
 
@@ -88,21 +88,14 @@ class LinearAttention(nn.Module):
     def _heads(self, x: torch.Tensor, proj: str | None, norm: str | None, flat: torch.Tensor | None = None
                ) -> torch.Tensor:
         y = flat if flat is not None else getattr(self, proj)(x)
-        d = self.layout.head_dim
-        if norm is not None and getattr(self, norm).weight.numel() != d:
-            y = getattr(self, norm)(y)          # OLMo-style norm over the whole projection
-            norm = None
-        y = y.view(*x.shape[:-1], -1, d)
-        if norm is not None:
-            y = getattr(self, norm)(y)          # Qwen3-style per-head norm
-        return y.transpose(1, 2)
+        return qk_heads(self.layout, y, getattr(self, norm) if norm else None)  # norm placement: see qk_heads
 
     def project(self, x: torch.Tensor, position_embeddings: Any = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v, k before norm and rotary) in (batch, heads, tokens, head_dim)."""
         lay = self.layout
         if lay.fused:
-            qf, kf, vf = getattr(self, lay.fused)(x).chunk(3, dim=-1)
+            qf, kf, vf = getattr(self, lay.fused)(x).split(lay.fused_split, dim=-1)
             q, k, v = (self._heads(x, None, n, f) for n, f in ((lay.q_norm, qf), (lay.k_norm, kf), (None, vf)))
             k_raw = kf.view(*x.shape[:-1], -1, lay.head_dim).transpose(1, 2)
         else:
@@ -111,9 +104,7 @@ class LinearAttention(nn.Module):
             k = self._heads(x, None, lay.k_norm, k_flat)
             v = self._heads(x, lay.v, None)
             k_raw = k_flat.view(*x.shape[:-1], -1, lay.head_dim).transpose(1, 2)
-        if position_embeddings is not None:
-            cos, sin = position_embeddings
-            q, k = apply_rotary(lay, q, k, cos, sin)
+        q, k = position_qk(lay, q, k, position_embeddings, self)   # rotary, then norms applied after it
         return q, k, v, k_raw
 
     def log_decay(self, x: torch.Tensor, k_raw: torch.Tensor) -> torch.Tensor | None:
