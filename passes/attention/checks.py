@@ -23,6 +23,25 @@ from surgeon.passes.attention.layout import AttentionLayout
 from surgeon.passes.attention.semantics import unsupported_features
 
 
+ATTENTION_LAYER_TYPES = (None, "full_attention", "sliding_attention", "attention", "global", "local")
+
+
+def _layer_type(model: nn.Module, layer: int | None) -> str | None:
+    config = getattr(unwrap_peft(model), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        try:
+            config = config.get_text_config()
+        except Exception:  # several text configs: keep the top-level one
+            pass
+    try:
+        kinds = getattr(config, "layer_types", None)
+    except Exception:
+        return None
+    if isinstance(kinds, (list, tuple)) and isinstance(layer, int) and 0 <= layer < len(kinds):
+        return kinds[layer]
+    return None
+
+
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (``PeftModel`` → its base model), else ``model``."""
     if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
@@ -49,6 +68,10 @@ def check_modules(model: nn.Module, found: list[tuple[str, AttentionLayout]], wi
         module = model.get_submodule(fqn)
         known = lay.projection_names + [n for n in (lay.q_norm, lay.k_norm) if n]
         why = unsupported_features(module, fqn, known)
+        kind = _layer_type(model, (layer_of or {}).get(fqn, lay.layer_idx))
+        if kind not in ATTENTION_LAYER_TYPES:
+            why.append(f"its cache layer is a {kind!r} layer (config.layer_types): the model keeps its own recurrent "
+                       "state there, which the linear-attention state would overwrite")
         if lay.own_window is not None and window > lay.own_window:
             why.append(f"the model's own sliding window is {lay.own_window} tokens, smaller than window={window} "
                        "(the softmax part would see keys the model never attended to); "

@@ -93,7 +93,6 @@ class LinearizeAttentionHandler(PassHandler):
                 f"{module_types(model)}. Select a module with a standard layout, or open an issue with this message.")
         if not found:
             return self._plan_fx(model, config, ctx)
-        _check_against_model(model, config, found)
         sites = []
         for position, (fqn, lay) in enumerate(found):
             layer = layer_index(fqn, lay, position)
@@ -110,6 +109,7 @@ class LinearizeAttentionHandler(PassHandler):
         picked = [(s.name, layouts[s.name]) for s in chosen]
         layouts.update(check_modules(model, picked, config.window, verify=True,
                                      layer_of={s.name: s.data["layer"] for s in chosen}))
+        _check_against_model(model, config, [(s.name, layouts[s.name]) for s in chosen])
         return Plan(chosen, state={"layouts": {s.name: layouts[s.name] for s in chosen}})
 
     @staticmethod
@@ -119,8 +119,8 @@ class LinearizeAttentionHandler(PassHandler):
         by_layer = {s.data["layer"]: s for s in sites}
         missing = [i for i in config.layers if i not in by_layer]
         if missing:
-            raise ConfigError(f"LinearizeAttention.layers {missing} out of range: the model has no softmax attention module at "
-                              f"these layers; its convertible layers are {sorted(by_layer)}")
+            raise ConfigError(f"LinearizeAttention.layers {missing} out of range: the model has no softmax attention "
+                              f"module at these layers; its convertible layers are {sorted(by_layer)}")
         return [by_layer[i] for i in sorted(config.layers)]
 
     def needs_recipe(self, config: LinearizeAttention) -> str | None:

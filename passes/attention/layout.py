@@ -99,6 +99,14 @@ def _first_int(*values) -> int | None:
     return None
 
 
+def _config_value(config, name: str):
+    """``config.<name>`` or None (per-layer configs raise on ambiguous global reads: treat as unknown)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError and the like
+        return None
+
+
 def _rotary_function(module: nn.Module) -> Callable | None:
     """The family's own ``apply_rotary_pos_emb`` (from the module's modeling file), if it has one."""
     return getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
@@ -109,7 +117,7 @@ def describe(module: nn.Module, fqn: str) -> AttentionLayout | None:
     separate, fused = _projections(module)
     if separate is None and fused is None:
         return None
-    if getattr(module, "is_cross_attention", False):
+    if getattr(module, "is_cross_attention", False) or re.search(r"(encoder_attn|cross_?attn|crossattention)$", fqn):
         return None
     config = getattr(module, "config", None)
     children = dict(module.named_children())
@@ -117,9 +125,9 @@ def describe(module: nn.Module, fqn: str) -> AttentionLayout | None:
     if separate:
         q_out, k_out = _linear_out(children[separate[0]]), _linear_out(children[separate[1]])
     n_heads = _first_int(getattr(module, "num_heads", None), getattr(module, "num_attention_heads", None),
-                         getattr(config, "num_attention_heads", None))
+                         getattr(module, "n_head", None), _config_value(config, "num_attention_heads"))
     head_dim = _first_int(getattr(module, "head_dim", None), getattr(module, "attention_head_size", None),
-                          getattr(config, "head_dim", None))
+                          _config_value(config, "head_dim"))
     if n_heads is None and head_dim is None:
         raise PlanError(f"{fqn}: cannot tell the number of heads (no num_heads / head_dim on the module or its config)")
     if fused:
@@ -134,7 +142,7 @@ def describe(module: nn.Module, fqn: str) -> AttentionLayout | None:
         raise ConfigError(f"{fqn}: {n_heads} query heads are not a multiple of {n_kv} key/value heads (GQA needs it)")
     scale = getattr(module, "scaling", None)
     scale = float(scale) if isinstance(scale, (int, float)) else head_dim ** -0.5
-    causal = bool(getattr(module, "is_causal", getattr(config, "is_decoder", False)))
+    causal = bool(getattr(module, "is_causal", _config_value(config, "is_decoder")))
     params = inspect.signature(module.forward).parameters
     cache_arg = next((n for n in ("cache", "past_key_values", "past_key_value", "layer_past") if n in params), None)
     out = next((n for n in OUTPUT_PROJ if n in children and _linear_out(children[n])), None)
@@ -160,8 +168,8 @@ def _own_window(module: nn.Module, config, layer_idx) -> int | None:
     if hasattr(module, "sliding_window"):
         value = module.sliding_window
     else:
-        value = getattr(config, "sliding_window", None)
-        kinds = getattr(config, "layer_types", None)
+        value = _config_value(config, "sliding_window")
+        kinds = _config_value(config, "layer_types")
         if isinstance(kinds, (list, tuple)) and isinstance(layer_idx, int) and layer_idx < len(kinds):
             value = value if kinds[layer_idx] in ("sliding_attention", "chunked_attention") else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
@@ -169,21 +177,20 @@ def _own_window(module: nn.Module, config, layer_idx) -> int | None:
 
 def _fused_sizes(module: nn.Module, config, fqn: str, fused: str, total: int, n_heads: int | None,
                  head_dim: int | None) -> tuple[int, int]:
-    """(q, k) output sizes of a fused q | k | v projection, from the head counts (any heads / kv-heads split)."""
-    n_kv = _first_int(getattr(module, "num_key_value_heads", None), getattr(module, "num_kv_heads", None),
-                      getattr(config, "num_key_value_heads", None))
-    if getattr(module, "multi_query", getattr(config, "multi_query", False)) is True:
-        n_kv = 1
-    if n_heads and head_dim:
-        n_kv = n_kv or (total - n_heads * head_dim) // (2 * head_dim)
-        q_out, k_out = n_heads * head_dim, n_kv * head_dim
-        if q_out + 2 * k_out == total:
+    """(q, k) output sizes of a fused q | k | v projection: q has the query heads, k and v split the rest
+    equally (any heads / kv-heads split: GPT-2, Phi-3-medium / Phi-4 GQA, GPTBigCode multi-query)."""
+    if n_heads and head_dim and total > n_heads * head_dim:
+        q_out = n_heads * head_dim
+        k_out = (total - q_out) // 2
+        if q_out + 2 * k_out == total and k_out % head_dim == 0:
             return q_out, k_out
-    elif total % 3 == 0:
+    elif n_heads is None and total % 3 == 0:
+        return total // 3, total // 3
+    elif head_dim is None and n_heads and total % 3 == 0:
         return total // 3, total // 3
     raise PlanError(f"{fqn}.{fused}: fused qkv projection has {total} outputs, which is not q | k | v for "
-                    f"{n_heads} query heads, {n_kv} key/value heads and head_dim {head_dim}; set the module's or the "
-                    "config's num_attention_heads / num_key_value_heads / head_dim to the projection's layout")
+                    f"{n_heads} query heads of head_dim {head_dim} plus equal key and value parts; set the module's "
+                    "or the config's num_attention_heads / head_dim to the projection's layout")
 
 
 def _called_after_rotary(module: nn.Module, name: str) -> bool:

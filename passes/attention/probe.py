@@ -19,7 +19,7 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -83,6 +83,12 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _structure(output: Any) -> str:
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of {len(output)}"
+    return type(output).__name__
+
+
 def probe_attention(model: nn.Module, found: list[tuple[str, AttentionLayout]],
                     layer_of: dict[str, int] | None = None) -> ProbeResult:
     """Run the probe; see the module docstring."""
@@ -100,23 +106,33 @@ def probe_attention(model: nn.Module, found: list[tuple[str, AttentionLayout]],
     except Exception as e:  # the model's own forward on a synthetic input: report, don't guess
         return ProbeResult(skipped=f"probe forward failed ({type(e).__name__}: {str(e)[:120]})")
     result = ProbeResult()
+    names = {f.name for f in fields(LinearizeAttention)}
     for position, (fqn, layout) in enumerate(found):
         if fqn not in calls:
+            result.mismatches[fqn] = ("not called by a plain forward of the model (cross-attention, or unused): "
+                                      "surgeon cannot tell what it attends to")
             continue
         args, kwargs, output = calls[fqn]
         kwargs = {k: (None if k in CACHE_ARGS else v) for k, v in kwargs.items()}
-        exact = LinearizeAttention(feature_map="elu1", window=PROBE_TOKENS * 4, local=not layout.causal,
-                                   gate="none")
         original = model.get_submodule(fqn)
         layer = (layer_of or {}).get(fqn, position)
         errors = []
-        for candidate in (layout, replace(layout, use_rotary=not layout.use_rotary)):
+        # the static reading first, then the alternatives a module's attributes cannot always tell:
+        # rotary skipped on this layer (Cohere2's global layers), causality set by the model's mask only
+        for candidate in (layout, replace(layout, use_rotary=not layout.use_rotary),
+                          replace(layout, causal=not layout.causal)):
+            exact = LinearizeAttention(feature_map="elu1", window=PROBE_TOKENS * 4, local=not candidate.causal,
+                                       gate="none", **({"sinks": 0} if "sinks" in names else {}))
             try:
-                swapped = LinearAttention(original, candidate, exact, layer, layout.causal)
+                swapped = LinearAttention(original, candidate, exact, layer, candidate.causal)
                 swapped.to(device=params[0].device)
                 with torch.no_grad():
-                    got = _first(swapped(*args, **kwargs))
-                ref = _first(output)
+                    returned = swapped(*args, **kwargs)
+                got, ref = _first(returned), _first(output)
+                if _structure(returned) != _structure(output):
+                    errors.append(f"{type(original).__name__} returns {_structure(output)}, the swapped module "
+                                  f"{_structure(returned)}: its caller expects another output format")
+                    continue
                 err = (got.double() - ref.double()).abs().max().item() / max(ref.double().abs().max().item(), 1e-6)
             except Exception as e:
                 errors.append(f"the swapped module fails on this module's inputs ({type(e).__name__}: {e})")
