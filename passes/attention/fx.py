@@ -1020,8 +1020,8 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
     attention inside a Hugging Face module (whose forward dynamo / export inlined) is then named by that
     module's path (``model.layers.0.self_attn``, op = its class), as the module-swap path names it, so a
     recipe saved from the eager surgery supplies the trained parameters (``surgeon.backend(recipe=...)``).
-    ``ctx.notes`` (set by ``surgeon.backend``): ``allow_empty`` (no attention: an empty plan),
-    ``name_offsets`` (site bases counted in earlier graphs), ``recipe`` (sites come from a recipe).
+    ``ctx`` fields set by ``surgeon.backend``: ``allow_empty`` (no attention: an empty plan),
+    ``name_offsets`` (site bases counted in earlier graphs), ``from_recipe`` (sites come from a recipe).
     """
     inputs = ctx.example_inputs
     if inputs is None and isinstance(model, fx.GraphModule):
@@ -1035,7 +1035,7 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
     _propagate(gm, inputs)
     skipped: list[str] = []
     matches = find_attention(gm, skipped)
-    if not matches and ctx.notes.get("allow_empty"):
+    if not matches and ctx.allow_empty:
         return Plan([], {"gm": gm, "matches": {}, "bases": [], "skipped": skipped})
     if not matches:
         types = _describe_types(model)
@@ -1052,7 +1052,7 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
     owners = [_transformers_scope(m.anchor, gm) for m in matches]
     scopes = [graph_patterns.module_scope(m.anchor, gm) for m in matches]
     bases = [scope if owner and scope else _base_name(m, gm) for m, owner, scope in zip(matches, owners, scopes)]
-    seen: Counter[str] = Counter(ctx.notes.get("name_offsets") or {})
+    seen: Counter[str] = Counter(ctx.name_offsets or {})
     found, by_name = [], {}
     for match, base, owner, scope in zip(matches, bases, owners, scopes):
         k = seen[base]
@@ -1069,7 +1069,7 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
                           scope=scope, node=match.anchor.name, shape=node_shape(match.output), data=data))
     if ctx.recorded_sites is not None:
         sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
-    elif ctx.notes.get("recipe"):
+    elif ctx.from_recipe:
         sites = found  # the backend keeps the recipe's sites among these, then plans again with them
     else:
         chosen = select_sites(found, config.targets, config.exclude, config.filter_fn,

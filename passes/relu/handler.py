@@ -34,7 +34,8 @@ import torch.nn as nn
 from surgeon.fx import patterns as graph_patterns
 from surgeon.core.config import PassConfig
 from surgeon.core.errors import ConfigError, PlanError
-from surgeon.fx.tracing import SurgeonUnit, free_attr_name, get_submodule, node_scope, node_shape, propagate_shapes, set_submodule, trace
+from surgeon.core.modules import get_submodule, set_submodule
+from surgeon.fx.tracing import SurgeonUnit, node_scope, node_shape, propagate_shapes, trace
 from surgeon.ops.activation import (
     BinaryMaskedReLU,
     MaskedReLU,
@@ -45,9 +46,12 @@ from surgeon.ops.activation import (
     relu_kind,
 )
 from surgeon.ops.poly_units import BinaryMaskedPoly, MaskedPolyReLU, PolyUnit
-from surgeon.core.handler import PassContext, PassHandler, match_recorded, register_pass
+from surgeon.core.handler import PassContext, register_pass
+from surgeon.fx.handler import GraphHandler
+from surgeon.fx.placement import place_units
+from surgeon.passes.relu.budget import check_budget_value, resolve_budget
+from surgeon.passes.relu.fold import fold_linear_ops
 from surgeon.core.report import Report
-from surgeon.core.selectors import select_sites
 from surgeon.core.sites import Plan, Site
 
 
@@ -85,8 +89,6 @@ class LinearizeReLU(PassConfig):
         if not 0.0 <= self.init <= 1.0:
             raise ConfigError(f"LinearizeReLU.init must be in [0, 1], got {self.init}")
         if self.budget is not None:
-            from surgeon.passes.relu.budget import check_budget_value
-
             check_budget_value(self.budget)
 
 
@@ -357,6 +359,14 @@ def _owner(gm: fx.GraphModule, path: str) -> nn.Module | None:
         return None
 
 
+def _unit_owner_and_leaf(site: Site) -> tuple[str, str]:
+    """A new unit's owner module and leaf name: ``scope.relu_1`` for a functional call, ``relu_0``,
+    ``relu_1``... beside a module called several times."""
+    if site.data["call"] == "module":
+        return site.base.rpartition(".")[0], site.base.rpartition(".")[2] + "_" + (site.name.partition("@")[2] or "0")
+    return site.scope, site.name.rpartition(".")[2].replace("@", "_")
+
+
 def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site], modules_called: Counter[str],
                        keep_recorded: bool = False) -> None:
     """Where each site's unit will live: the module's own path when it is called once, else a new name.
@@ -364,24 +374,14 @@ def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site], modules_called: Co
     On dynamo / export graphs the module tree is gone (modules were inlined); the unit is put at the
     same path, with empty parent modules created as needed (``GraphModule.add_submodule``).
     """
-    taken: set[str] = set()
-    for site in sites:
+    def preferred(site: Site, taken: set[str]) -> str | None:
         if keep_recorded and site.data.get("unit"):  # replay: the recipe's path, so weights line up
-            path = site.data["unit"]
-        elif site.data["call"] == "module" and modules_called[site.base] == 1:
-            path = site.base
-        else:
-            owner_path = site.scope if site.data["call"] != "module" else site.base.rpartition(".")[0]
-            owner = _owner(gm, owner_path)
-            leaf = site.name.rpartition(".")[2].replace("@", "_")
-            if site.data["call"] == "module":  # k-th call of a shared module: relu_0, relu_1, ...
-                leaf = site.base.rpartition(".")[2] + "_" + (site.name.partition("@")[2] or "0")
-            candidate = free_attr_name(owner, leaf) if owner is not None else leaf
-            while f"{owner_path}.{candidate}".lstrip(".") in taken:
-                candidate = free_attr_name(owner, candidate + "_") if owner is not None else candidate + "_"
-            path = f"{owner_path}.{candidate}" if owner_path else candidate
-        taken.add(path)
-        site.data["unit"] = path
+            return site.data["unit"]
+        if site.data["call"] == "module" and modules_called[site.base] == 1:
+            return site.base
+        return None
+
+    place_units(gm, sites, owner_and_leaf=_unit_owner_and_leaf, preferred=preferred)
 
 
 def _resolve(gm: fx.GraphModule, site: Site) -> nn.Module | None:
@@ -392,45 +392,44 @@ def _resolve(gm: fx.GraphModule, site: Site) -> nn.Module | None:
         return None
 
 
-def _nodes_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    return {n.name: n for n in gm.graph.nodes}
-
-
 @register_pass(LinearizeReLU)
-class LinearizeReLUHandler(PassHandler):
+class LinearizeReLUHandler(GraphHandler):
     """FX path: trace, find ReLU call sites, insert MaskedReLU units."""
 
-    def plan(self, model: nn.Module, config: LinearizeReLU, ctx: PassContext) -> Plan:
+    what = "ReLU call site"
+
+    def graph(self, model: nn.Module, config: LinearizeReLU, ctx: PassContext) -> fx.GraphModule:
         gm = trace(model, config.leaf_modules, config.leaf_fn)
         captured = graph_patterns.graph_source(gm) != "symbolic_trace"  # shapes are in the node metadata
-        sites_only = bool(ctx.notes.get("sites_only"))  # a backend asks which sites exist (no checks)
-        if config.granularity != "layer" and ctx.example_inputs is None and not captured and not sites_only:
+        if config.granularity != "layer" and ctx.example_inputs is None and not captured and not ctx.sites_only:
             raise ConfigError(
                 f"LinearizeReLU(granularity={config.granularity!r}) needs a fixed input shape to size its "
                 f"masks: pass example_inputs=(tensor, ...) to surgeon.apply, or use granularity='layer'."
             )
         if ctx.example_inputs is not None and not captured:
             propagate_shapes(gm, ctx.example_inputs)
-        found = relu_sites(gm, ctx.notes.get("name_offsets"))
-        bases = Counter(s.base for s in found)  # a backend continues the @k numbering in later graphs
-        if not found and ctx.notes.get("allow_empty"):
-            return Plan([], {"gm": gm, "bases": bases})  # a torch.compile backend reports 0 sites here
-        if not found:
-            raise PlanError(
-                f"LinearizeReLU found no ReLU call site in {type(model).__name__} "
-                f"(looked for nn.ReLU/ReLU6, F.relu/relu6, torch.relu, .relu(), hardtanh(0, 6), clamp(min=0))."
-            )
+        return gm
+
+    def find(self, gm: fx.GraphModule, config: LinearizeReLU, ctx: PassContext) -> list[Site]:
+        return relu_sites(gm, Counter(ctx.name_offsets or {}))
+
+    def state(self, gm: fx.GraphModule, found: list[Site]) -> dict:
+        return {"bases": Counter(s.base for s in found)}  # a backend continues the @k numbering in later graphs
+
+    def no_sites(self, model: nn.Module, config: LinearizeReLU) -> str:
+        return (f"LinearizeReLU found no ReLU call site in {type(model).__name__} "
+                f"(looked for nn.ReLU/ReLU6, F.relu/relu6, torch.relu, .relu(), hardtanh(0, 6), clamp(min=0)).")
+
+    def resolve(self, gm: fx.GraphModule, site: Site) -> nn.Module | None:
+        return _resolve(gm, site)
+
+    def prepare(self, gm: fx.GraphModule, found: list[Site], sites: list[Site], config: LinearizeReLU,
+                ctx: PassContext) -> dict:
         if ctx.recorded_sites is not None:
             # the recipe's unit path and mask shape win; how the op is spelled here stays this graph's
             local = {s.name: {k: s.data[k] for k in ("call", "inplace")} for s in found}
-            sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
             for site in sites:
                 site.data.update(local[site.name])
-        else:
-            sites = select_sites(found, config.targets, config.exclude, config.filter_fn,
-                                 resolve_module=lambda s: _resolve(gm, s), what="ReLU call site")
-        if sites_only:
-            return Plan(sites, {"gm": gm, "bases": bases})
         calls = Counter(s.base for s in found if s.data["call"] == "module")
         _assign_unit_paths(gm, sites, calls, keep_recorded=ctx.recorded_sites is not None)
         for site in sites:
@@ -443,37 +442,30 @@ class LinearizeReLUHandler(PassHandler):
             if config.units == "poly":
                 site.data["coef_shape"] = (list(mask_shape("channel", site.shape, config.channel_dim))
                                            if site.shape is not None and len(site.shape) >= 2 else [])
-        if config.budget is not None and not ctx.notes.get("recipe"):
+        if config.budget is not None and not ctx.from_recipe:
             # with a recipe the trained masks already meet the budget (and a captured graph may hold
             # only part of the model's sites)
-            from surgeon.passes.relu.budget import resolve_budget
-
             if ctx.example_inputs is None:
                 raise ConfigError("LinearizeReLU(budget=...) needs example_inputs to count the ReLUs it budgets")
             total = sum(math.prod(s.shape[1:]) for s in sites)
             resolve_budget(config.budget, total)  # raises on a budget the model cannot meet
-        return Plan(sites, {"gm": gm, "bases": bases})
+        return {}
 
-    def rewrite(self, model: nn.Module, config: LinearizeReLU, plan: Plan, ctx: PassContext) -> nn.Module:
-        gm: fx.GraphModule = plan.state["gm"]
-        nodes = _nodes_by_name(gm)
-        for site in plan.sites:
-            if config.units == "poly":
-                unit = MaskedPolyReLU(site.op, site.data["mask_shape"], site.data.get("coef_shape", []))  # type: ignore[arg-type]
-            else:
-                unit = MaskedReLU(site.op, site.data["mask_shape"])  # type: ignore[arg-type]
-            unit.site_name = site.name  # FinalizeReLU reports and selects by the same name
-            unit.example_shape = list(site.shape[1:]) if site.shape else None  # per-example activation shape
-            unit.channel_dim = config.channel_dim
-            with torch.no_grad():
-                unit.mask.fill_(config.init)
-            rewrite_site(gm, nodes[site.node], site, unit)
-        gm.delete_all_unused_submodules()
-        gm.graph.lint()
-        gm.recompile()
-        if ctx.example_inputs is not None and graph_patterns.graph_source(gm) == "symbolic_trace":
-            propagate_shapes(gm, ctx.example_inputs)
-        return gm
+    def unit(self, site: Site, config: LinearizeReLU, plan: Plan, ctx: PassContext) -> nn.Module:
+        if config.units == "poly":
+            unit = MaskedPolyReLU(site.op, site.data["mask_shape"], site.data.get("coef_shape", []))  # type: ignore[arg-type]
+        else:
+            unit = MaskedReLU(site.op, site.data["mask_shape"])  # type: ignore[arg-type]
+        unit.site_name = site.name  # FinalizeReLU reports and selects by the same name
+        unit.example_shape = list(site.shape[1:]) if site.shape else None  # per-example activation shape
+        unit.channel_dim = config.channel_dim
+        with torch.no_grad():
+            unit.mask.fill_(config.init)
+        return unit
+
+    def rewrite_site(self, gm: fx.GraphModule, node: fx.Node, site: Site, unit: nn.Module | None,
+                     plan: Plan) -> None:
+        rewrite_site(gm, node, site, unit)  # the module-level function (tests inject faults there)
 
     def needs_recipe(self, config: LinearizeReLU) -> str | None:
         """Why this config's units carry trained values a compile backend must load from a recipe."""
@@ -505,17 +497,22 @@ class LinearizeReLUHandler(PassHandler):
 
 
 @register_pass(FinalizeReLU)
-class FinalizeReLUHandler(PassHandler):
+class FinalizeReLUHandler(GraphHandler):
     """Freeze MaskedReLU units: identity / plain activation / frozen binary mask."""
 
-    def plan(self, model: nn.Module, config: FinalizeReLU, ctx: PassContext) -> Plan:
+    what = "MaskedReLU unit"
+
+    def graph(self, model: nn.Module, config: FinalizeReLU, ctx: PassContext) -> fx.GraphModule:
         if not isinstance(model, fx.GraphModule):
             raise PlanError(f"FinalizeReLU works on the model LinearizeReLU returned; {type(model).__name__} "
                             f"is not one. Apply LinearizeReLU first (surgeon.apply(surgery, FinalizeReLU()).")
+        return model
+
+    def find(self, gm: fx.GraphModule, config: FinalizeReLU, ctx: PassContext) -> list[Site]:
         found = []
-        for node in model.graph.nodes:
-            if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), MaskedReLU):
-                unit = model.get_submodule(str(node.target))
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), MaskedReLU):
+                unit = gm.get_submodule(str(node.target))
                 binary = (unit.mask.detach() >= config.threshold)
                 action = "identity" if not binary.any() else "relu" if binary.all() else "masked"
                 name = getattr(unit, "site_name", str(node.target))
@@ -530,34 +527,30 @@ class FinalizeReLUHandler(PassHandler):
                                   scope=node_scope(node), node=node.name, shape=node_shape(node),
                                   data={"unit": str(node.target), "action": action, "kept": int(binary.sum()),
                                         "entries": binary.numel(), "poly": isinstance(unit, MaskedPolyReLU)}))
-        if not found and graph_patterns.graph_source(model) != "symbolic_trace":
-            found = _inlined_sites(model, config.threshold)  # units torch.export / dynamo inlined
-        if not found and ctx.notes.get("allow_empty"):
-            return Plan([])
-        if not found:
-            raise PlanError("FinalizeReLU found no MaskedReLU unit: apply LinearizeReLU first.")
-        if ctx.recorded_sites is not None:
-            sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
-        else:
-            sites = select_sites(found, config.targets, config.exclude, config.filter_fn,
-                                 resolve_module=lambda s: _owner(model, s.data["unit"]), what="MaskedReLU unit")
-        return Plan(sites)
+        if not found and graph_patterns.graph_source(gm) != "symbolic_trace":
+            found = _inlined_sites(gm, config.threshold)  # units torch.export / dynamo inlined
+        return found
 
-    def rewrite(self, model: nn.Module, config: FinalizeReLU, plan: Plan, ctx: PassContext) -> nn.Module:
-        gm: fx.GraphModule = model  # type: ignore[assignment]
-        nodes = _nodes_by_name(gm)
-        for site in plan.sites:
-            finalize_site(gm, nodes[site.node], site, config.threshold)
+    def no_sites(self, model: nn.Module, config: FinalizeReLU) -> str:
+        return "FinalizeReLU found no MaskedReLU unit: apply LinearizeReLU first."
+
+    def resolve(self, gm: fx.GraphModule, site: Site) -> nn.Module | None:
+        return _owner(gm, site.data["unit"])
+
+    def rewrite_site(self, gm: fx.GraphModule, node: fx.Node, site: Site, unit: nn.Module | None,
+                     plan: Plan) -> None:
+        finalize_site(gm, node, site, plan.state["threshold"])  # module level: tests inject faults there
+
+    def prepare(self, gm: fx.GraphModule, found: list[Site], sites: list[Site], config: FinalizeReLU,
+                ctx: PassContext) -> dict:
+        return {"threshold": config.threshold}
+
+    def finish(self, gm: fx.GraphModule, config: FinalizeReLU, plan: Plan, ctx: PassContext) -> None:
         if config.fold:
-            from surgeon.passes.relu.fold import fold_linear_ops
+            plan.state["folded"] = fold_linear_ops(gm)
 
-            ctx.notes["folded"] = fold_linear_ops(gm)
-        gm.delete_all_unused_submodules()
-        gm.graph.lint()
-        gm.recompile()
-        if ctx.example_inputs is not None and graph_patterns.graph_source(gm) == "symbolic_trace":
-            propagate_shapes(gm, ctx.example_inputs)
-        return gm
+    def touched(self, model: nn.Module, config: FinalizeReLU, plan: Plan) -> list[str] | None:
+        return None if config.fold else []  # folding edits the weights of the layers it merges
 
     def report(self, model: nn.Module, config: FinalizeReLU, plan: Plan, ctx: PassContext) -> Report:
         rows = []
@@ -572,8 +565,8 @@ class FinalizeReLUHandler(PassHandler):
         if all(r["relus"] is not None for r in rows):
             totals = {"relus": sum(r["relus"] for r in rows), "poly": sum(r["poly"] for r in rows)}
         notes = []
-        if ctx.notes.get("folded"):
-            notes.append("folded: " + ", ".join(ctx.notes["folded"]))
+        if plan.state.get("folded"):
+            notes.append("folded: " + ", ".join(plan.state["folded"]))
         return Report("FinalizeReLU", ["site", "op", "action", "kept", "relus", "poly"], rows, totals, notes=notes)
 
 

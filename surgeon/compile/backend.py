@@ -13,10 +13,10 @@ Contract for pass handlers (how a pass plugs in; ``LinearizeReLU`` / ``FinalizeR
   ``node.meta['example_value']``). Match ops with :mod:`surgeon.fx.patterns` and name sites with
   ``graph_patterns.module_path(node, gm)`` so names equal the eager ones. ``gm.meta
   [graph_patterns.MODULE_IDS_META]`` maps dynamo's module ids to FQNs when the model is known.
-* ``ctx.notes`` carries ``allow_empty=True`` (a graph without a site returns ``Plan([])``, it must
-  not raise), ``name_offsets`` (a ``Counter`` of site bases seen in this frame's earlier graphs: a
+* ``ctx`` (a :class:`surgeon.PassContext`) has ``allow_empty=True`` (a graph without a site returns
+  ``Plan([])``, it must not raise), ``name_offsets`` (a ``Counter`` of site bases seen in this frame's earlier graphs: a
   handler that numbers repeated calls ``base@k`` starts there, and returns the bases it found as
-  ``plan.state['bases']``, so names after a graph break still equal the eager ones), ``recipe=True`` when parameters come from a recipe (skip checks that need the whole
+  ``plan.state['bases']``, so names after a graph break still equal the eager ones), ``from_recipe=True`` when parameters come from a recipe (skip checks that need the whole
   model, such as budgets), and, for a dry run on the eager model, ``sites_only=True`` (return the
   selected sites; shape checks may be skipped).
 * ``handler.needs_recipe(config)`` returns a reason string when the rewrite adds *trained*
@@ -277,8 +277,8 @@ class SurgeonBackend:
         out: dict[str, list[str]] = {}
         for p in self.passes:
             try:
-                plan = handler_for(p).plan(model, p, PassContext(notes={"sites_only": True, "allow_empty": True,
-                                                                        "recipe": True}))
+                plan = handler_for(p).plan(model, p, PassContext(sites_only=True, allow_empty=True,
+                                                                  from_recipe=True))
             except Exception:  # noqa: BLE001 - untraceable model, or a pass that needs earlier passes
                 continue
             out.setdefault(p.pass_name, plan.names)
@@ -289,8 +289,8 @@ class SurgeonBackend:
         if model is None:
             return "every site it rewrites (pass model= to list them)"
         try:
-            plan = handler_for(config).plan(model, config, PassContext(notes={"sites_only": True, "allow_empty": True,
-                                                                              "recipe": True}))
+            plan = handler_for(config).plan(model, config, PassContext(sites_only=True, allow_empty=True,
+                                                                        from_recipe=True))
             names = plan.names
         except Exception:  # noqa: BLE001 - best effort: the model may not trace symbolically
             return "its sites (found when dynamo captures the model)"
@@ -383,10 +383,9 @@ class SurgeonBackend:
             k = seen[config.pass_name]
             seen[config.pass_name] += 1
             handler = handler_for(config)
-            notes = {"allow_empty": True, "name_offsets": offsets[i]}
             entry = self.recipe.entry_for(config, k) if self.recipe is not None else None
-            plan = handler.plan(gm, config, PassContext(notes={**notes, "recipe": entry is not None}))
-            ctx = PassContext(notes={**notes, "recipe": entry is not None})
+            ctx = PassContext(allow_empty=True, name_offsets=offsets[i], from_recipe=entry is not None)
+            plan = handler.plan(gm, config, ctx)
             if first and "bases" in plan.state:
                 self._running[i].update(plan.state["bases"])
             if entry is not None:
@@ -396,7 +395,7 @@ class SurgeonBackend:
                 if not recorded:
                     record.sites[config.pass_name] = []
                     continue
-                ctx = PassContext(recorded_sites=recorded, notes={**notes, "recipe": True})
+                ctx = PassContext(recorded_sites=recorded, allow_empty=True, name_offsets=offsets[i], from_recipe=True)
                 plan = handler.plan(gm, config, ctx)
             record.sites[config.pass_name] = plan.names
             if plan.sites:

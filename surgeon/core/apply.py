@@ -26,7 +26,7 @@ from surgeon.core.handler import PassContext, handler_for
 from surgeon.core.recipe import Recipe, RecipeEntry, describe_inputs, fingerprint
 from surgeon.core.report import Report, ReportGroup
 from surgeon.core.sites import Site
-from surgeon.core.transaction import Transaction
+from surgeon.core.transaction import ModelSnapshot
 
 
 @dataclass
@@ -101,31 +101,30 @@ def apply(
     history = list(previous.history) if previous else []
 
     work = model if inplace else copy.deepcopy(model)
-    with Transaction(work) if inplace else _NoTransaction():
-        try:
-            for i, p in enumerate(passes):
-                handler = handler_for(p)
-                ctx = PassContext(example_inputs=inputs,
-                                  recorded_sites=list(recorded[i]) if recorded is not None else None)
-                plan = handler.plan(work, p, ctx)
-                work = handler.rewrite(work, p, plan, ctx)
-                recipe.entries.append(RecipeEntry(p.pass_name, p.to_dict(), plan.sites))
-                history.append(handler.report(work, p, plan, ctx))
-        except SurgeonError:
+    snapshots: list[ModelSnapshot] = []  # in place: one per pass, values only of what it touches
+    try:
+        for i, p in enumerate(passes):
+            handler = handler_for(p)
+            ctx = PassContext(example_inputs=inputs,
+                              recorded_sites=list(recorded[i]) if recorded is not None else None)
+            if inplace:
+                snapshots.append(ModelSnapshot(work, touched=[]))  # structure only: plan changes nothing
+            plan = handler.plan(work, p, ctx)
+            if inplace:
+                snapshots[-1].copy_values(handler.touched(work, p, plan))
+            work = handler.rewrite(work, p, plan, ctx)
+            recipe.entries.append(RecipeEntry(p.pass_name, p.to_dict(), plan.sites))
+            history.append(handler.report(work, p, plan, ctx))
+    except BaseException as e:
+        for snapshot in reversed(snapshots):
+            snapshot.rollback()
+        if isinstance(e, SurgeonError) or not isinstance(e, Exception):
             raise
-        except Exception as e:
-            raise RewriteError(
-                f"{type(p).__name__} failed while rewriting ({type(e).__name__}: {e}); "
-                f"the model was left unchanged"
-            ) from e
+        raise RewriteError(
+            f"{type(p).__name__} failed while rewriting ({type(e).__name__}: {e}); "
+            f"the model was left unchanged"
+        ) from e
     after = measure(work, inputs)
     report = ReportGroup("surgery", history + [_summary(before, after)])
     return Surgery(work, recipe, report, inputs, before, history)
 
-
-class _NoTransaction:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return False

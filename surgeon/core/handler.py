@@ -3,7 +3,12 @@
 A handler's ``plan`` finds the sites and changes nothing; ``rewrite`` changes the model and returns
 it (graph passes return a new ``GraphModule``). ``plan`` receives the sites recorded in a recipe when
 a surgery is replayed, and must then reproduce exactly those sites (or fail naming the first one
-that is missing).
+that is missing): :func:`choose_sites` does that, or selects by ``targets`` / ``exclude`` /
+``filter_fn`` otherwise.
+
+Two templates own the common loop, so a pass supplies only what differs:
+:class:`ModuleSwapHandler` (sites are modules, each replaced by a new one) here, and
+:class:`surgeon.fx.handler.GraphHandler` (sites are call sites of a traced graph).
 
 Example:
     >>> from dataclasses import dataclass
@@ -20,64 +25,44 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
 
 from surgeon.core.config import PassConfig
-from surgeon.core.errors import ConfigError, RecipeError
-from surgeon.fx.tracing import get_submodule, set_submodule
+from surgeon.core.errors import RecipeError
+from surgeon.core.modules import get_submodule, set_submodule
+from surgeon.core.registry import config_class, handler_for, register_pass
 from surgeon.core.report import Report
 from surgeon.core.selectors import select_sites
 from surgeon.core.sites import Plan, Site
 
-_HANDLERS: dict[type, "PassHandler"] = {}
-_BY_NAME: dict[str, type] = {}
-
-
-def register_pass(config_cls: type[PassConfig]):
-    """Class decorator: register a handler class for ``config_cls`` (one handler per config type)."""
-
-    def wrap(handler_cls: type["PassHandler"]) -> type["PassHandler"]:
-        _HANDLERS[config_cls] = handler_cls()
-        _BY_NAME[config_cls.pass_name] = config_cls
-        return handler_cls
-
-    return wrap
-
-
-def handler_for(config: PassConfig) -> "PassHandler":
-    """The handler registered for this config's type."""
-    if not isinstance(config, PassConfig):
-        raise ConfigError(
-            f"{config!r} is not a pass; passes are PassConfig dataclasses such as LinearizeReLU(...)"
-        )
-    try:
-        return _HANDLERS[type(config)]
-    except KeyError:
-        raise ConfigError(
-            f"no handler is registered for {type(config).__name__}; decorate one with @register_pass"
-        ) from None
-
-
-def config_class(pass_name: str) -> type[PassConfig]:
-    """The config class registered under ``pass_name`` (as written in recipes)."""
-    import surgeon.passes  # noqa: F401  - registers the built-in passes
-
-    try:
-        return _BY_NAME[pass_name]
-    except KeyError:
-        raise RecipeError(f"unknown pass {pass_name!r}; registered passes are {sorted(_BY_NAME)}") from None
+__all__ = ["PassContext", "PassHandler", "ModuleSwapHandler", "choose_sites", "match_recorded",
+           "register_pass", "handler_for", "config_class"]
 
 
 @dataclass
 class PassContext:
-    """What a pass may use besides its config: example inputs and what earlier passes left."""
+    """What a pass may use besides its config.
+
+    Attributes:
+        example_inputs: inputs to size things from shapes (``surgeon.apply(..., example_inputs=)``).
+        recorded_sites: the sites a recipe recorded (replay): plan exactly these.
+        allow_empty: a model without a site plans ``Plan([])`` instead of raising (compile backends
+            see graphs without any site).
+        name_offsets: per site base, the calls counted in earlier graphs (a backend's graphs before a
+            graph break): ``base@k`` numbering continues there.
+        from_recipe: parameters come from a recipe: skip checks that need the whole model (budgets).
+        sites_only: a dry run that only asks which sites exist (shape checks may be skipped).
+    """
 
     example_inputs: tuple[Any, ...] | None = None
     recorded_sites: list[Site] | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
+    allow_empty: bool = False
+    name_offsets: Mapping[str, int] | None = None
+    from_recipe: bool = False
+    sites_only: bool = False
 
 
 def match_recorded(found: Sequence[Site], recorded: Sequence[Site], pass_name: str) -> list[Site]:
@@ -98,6 +83,28 @@ def match_recorded(found: Sequence[Site], recorded: Sequence[Site], pass_name: s
     return chosen
 
 
+def choose_sites(found: Sequence[Site], config: PassConfig, ctx: PassContext, *,
+                 resolve_module: Callable[[Site], nn.Module | None], what: str,
+                 narrow: Callable[[list[Site]], list[Site]] | None = None) -> list[Site]:
+    """The recorded sites when replaying a recipe, else the sites ``config`` selects.
+
+    Selection applies ``narrow`` first (a pass's own choice, e.g. layer indices), then the config's
+    ``targets`` / ``exclude`` / ``filter_fn`` (see :mod:`surgeon.core.selectors`).
+
+    Example:
+        >>> from surgeon.core.config import PassConfig
+        >>> found = [Site("a", "a", "module", "Linear"), Site("b", "b", "module", "Linear")]
+        >>> [s.name for s in choose_sites(found, PassConfig(), PassContext(recorded_sites=[found[1]]),
+        ...                               resolve_module=lambda s: None, what="module")]
+        ['b']
+    """
+    if ctx.recorded_sites is not None:
+        return match_recorded(found, ctx.recorded_sites, config.pass_name)
+    candidates = narrow(list(found)) if narrow is not None else list(found)
+    return select_sites(candidates, getattr(config, "targets", None), getattr(config, "exclude", None),
+                        getattr(config, "filter_fn", None), resolve_module=resolve_module, what=what)
+
+
 class PassHandler:
     """Base handler. Subclasses implement ``plan`` and ``rewrite``; ``report`` is optional."""
 
@@ -106,6 +113,16 @@ class PassHandler:
 
     def rewrite(self, model: nn.Module, config: PassConfig, plan: Plan, ctx: PassContext) -> nn.Module:
         raise NotImplementedError
+
+    def touched(self, model: nn.Module, config: PassConfig, plan: Plan) -> list[str] | None:
+        """Module paths whose tensors ``rewrite`` may change in place (``None``: any, snapshot all).
+
+        ``surgeon.apply(inplace=True)`` copies the values of these modules' tensors before the rewrite
+        (and only the structure of the rest), so a failure rolls back exactly at a fraction of the
+        memory. Module swaps change no tensor in place: the default is the planned sites' paths.
+        """
+        return [s.name for s in plan.sites if s.kind == "module"] if all(
+            s.kind == "module" for s in plan.sites) else None
 
     def needs_recipe(self, config: PassConfig) -> str | None:
         """Why ``config``'s rewrite adds *trained* parameters (a reason string), else None.
@@ -120,11 +137,15 @@ class PassHandler:
 
 
 class ModuleSwapHandler(PassHandler):
-    """Module-swap path: sites are modules found structurally; each is replaced by a new module.
+    """Module-swap template: sites are modules found structurally; each is replaced by a new module.
 
-    Subclasses define ``matches(module, fqn, config)`` and ``replacement(module, site, config, ctx)``.
-    Configs may define ``targets`` / ``exclude`` / ``filter_fn`` (see ``surgeon.core.selectors``).
+    Subclasses define ``matches(module, fqn, config)`` and ``replacement(module, site, config, ctx)``;
+    they may override ``candidates`` (how sites are found), ``narrow`` (a pass's own selection before
+    ``targets``), ``prepare`` (plan state) and ``build`` (a replacement that needs the plan). Configs
+    may define ``targets`` / ``exclude`` / ``filter_fn`` (see ``surgeon.core.selectors``).
     """
+
+    what = "candidate module"
 
     def matches(self, module: nn.Module, fqn: str, config: PassConfig) -> bool:
         raise NotImplementedError
@@ -132,27 +153,28 @@ class ModuleSwapHandler(PassHandler):
     def replacement(self, module: nn.Module, site: Site, config: PassConfig, ctx: PassContext) -> nn.Module:
         raise NotImplementedError
 
+    def candidates(self, model: nn.Module, config: PassConfig, ctx: PassContext) -> list[Site]:
+        return [Site(name=fqn, base=fqn, kind="module", op=type(m).__name__, scope=fqn.rpartition(".")[0])
+                for fqn, m in model.named_modules() if fqn and self.matches(m, fqn, config)]
+
+    def narrow(self, sites: list[Site], config: PassConfig) -> list[Site]:
+        return sites
+
+    def prepare(self, model: nn.Module, sites: list[Site], config: PassConfig, ctx: PassContext) -> dict[str, Any]:
+        return {}
+
+    def build(self, model: nn.Module, site: Site, config: PassConfig, plan: Plan, ctx: PassContext) -> nn.Module:
+        return self.replacement(get_submodule(model, site.name), site, config, ctx)
+
     def plan(self, model: nn.Module, config: PassConfig, ctx: PassContext) -> Plan:
-        found = [
-            Site(name=fqn, base=fqn, kind="module", op=type(m).__name__, scope=fqn.rpartition(".")[0])
-            for fqn, m in model.named_modules()
-            if fqn and self.matches(m, fqn, config)
-        ]
-        if ctx.recorded_sites is not None:
-            return Plan(match_recorded(found, ctx.recorded_sites, config.pass_name))
-        sites = select_sites(
-            found,
-            getattr(config, "targets", None),
-            getattr(config, "exclude", None),
-            getattr(config, "filter_fn", None),
-            resolve_module=lambda s: model.get_submodule(s.name),
-            what=f"{config.pass_name} candidate module",
-        )
-        return Plan(sites)
+        found = self.candidates(model, config, ctx)
+        sites = choose_sites(found, config, ctx, resolve_module=lambda s: get_submodule(model, s.name),
+                             what=f"{config.pass_name} {self.what}", narrow=lambda s: self.narrow(s, config))
+        return Plan(sites, self.prepare(model, sites, config, ctx))
 
     def rewrite(self, model: nn.Module, config: PassConfig, plan: Plan, ctx: PassContext) -> nn.Module:
         # build every replacement first, then swap: a failure while building changes nothing
-        new = [self.replacement(get_submodule(model, s.name), s, config, ctx) for s in plan.sites]
+        new = [self.build(model, s, config, plan, ctx) for s in plan.sites]
         for site, module in zip(plan.sites, new):
             set_submodule(model, site.name, module)
         return model

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from surgeon.core.modules import free_attr_name, get_submodule, set_submodule  # noqa: F401 (re-exported)
 from surgeon.fx import patterns as graph_patterns
 from surgeon.core.errors import TraceError
 
@@ -128,25 +129,6 @@ def node_scope(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
         stack = stack[:-1]  # the module itself is the last entry
         return graph_patterns._entry_path(*stack[-1], gm) if stack else ""
     return graph_patterns.module_scope(node, gm)
-
-
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path) if path else root
-
-
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at dotted ``path`` (replacing what is there)."""
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(get_submodule(root, parent_path), leaf, module)
-
-
-def free_attr_name(owner: nn.Module, wanted: str) -> str:
-    """``wanted`` if ``owner`` has no attribute of that name, else ``wanted_1``, ``wanted_2``, ..."""
-    name, k = wanted, 0
-    while hasattr(owner, name):
-        k += 1
-        name = f"{wanted}_{k}"
-    return name
 
 
 def finish_graph(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:

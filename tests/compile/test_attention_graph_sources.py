@@ -108,7 +108,7 @@ def test_a_graph_without_attention(source):
     x = _x(SEEN, 0)
     graph, inputs = graph_of(source, model, x)
     config = LinearizeAttention(feature_map="elu1", window=0, causal=None)
-    plan = handler_for(config).plan(graph, config, PassContext(example_inputs=inputs, notes={"allow_empty": True}))
+    plan = handler_for(config).plan(graph, config, PassContext(example_inputs=inputs, allow_empty=True))
     assert plan.sites == [] and plan.state["bases"] == []
     with pytest.raises(PlanError, match="found no attention"):
         handler_for(config).plan(graph, config, PassContext(example_inputs=inputs))
@@ -171,5 +171,5 @@ def test_reordered_attention_weights_are_not_matched(source):
     x = _x(SEEN, 0)
     graph, inputs = graph_of(source, _TransposedWeights().eval(), x)
     config = LinearizeAttention(feature_map="elu1", window=0)
-    plan = handler_for(config).plan(graph, config, PassContext(example_inputs=inputs, notes={"allow_empty": True}))
+    plan = handler_for(config).plan(graph, config, PassContext(example_inputs=inputs, allow_empty=True))
     assert plan.sites == []
