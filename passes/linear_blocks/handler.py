@@ -33,9 +33,11 @@ import torch.nn as nn
 
 from surgeon.core.config import PassConfig
 from surgeon.core.errors import ConfigError, PlanError
-from surgeon.fx.tracing import SurgeonUnit, get_submodule, set_submodule
-from surgeon.core.handler import PassContext, PassHandler, match_recorded, register_pass
-from surgeon.passes.linearizer.handler import Calibration, iter_calibration, ridge_solve
+from surgeon.core.modules import get_submodule, set_submodule
+from surgeon.fx.tracing import SurgeonUnit
+from surgeon.core.handler import PassContext, PassHandler, choose_sites, register_pass
+from surgeon.passes.linearizer.config import Calibration
+from surgeon.passes.linearizer.fit import iter_calibration, ridge_solve
 from surgeon.core.report import Report
 from surgeon.core.sites import Plan, Site
 
@@ -390,7 +392,8 @@ class ReplaceLinearBlocksHandler(PassHandler):
         n = len(blocks)
         if ctx.recorded_sites is not None:
             found = [Site(name=f"{path}.{i}", base=f"{path}.{i}", kind="module", op="span", scope=path) for i in range(n)]
-            sites = match_recorded(found, ctx.recorded_sites, config.pass_name)
+            sites = choose_sites(found, config, ctx, resolve_module=lambda s: get_submodule(model, s.name),
+                                 what="block")
             return Plan(sites, {"path": path, "replay": True})
         if config.calibration is None:
             raise ConfigError("ReplaceLinearBlocks needs calibration=batches of token ids (or a callable returning them)")
@@ -442,6 +445,10 @@ class ReplaceLinearBlocksHandler(PassHandler):
             for i in s.data["blocks"]:
                 set_submodule(model, f"{path}.{i}", SkippedBlock(i))
         return model
+
+    def touched(self, model: nn.Module, config: ReplaceLinearBlocks, plan: Plan) -> list[str]:
+        """The output projections the fitted maps are folded into (their weights change in place)."""
+        return [s.data["fold_into"] for s in plan.sites if s.data.get("fold_into")]
 
     def report(self, model: nn.Module, config: ReplaceLinearBlocks, plan: Plan, ctx: PassContext) -> Report:
         path = plan.state["path"]

@@ -115,14 +115,14 @@ class PassHandler:
         raise NotImplementedError
 
     def touched(self, model: nn.Module, config: PassConfig, plan: Plan) -> list[str] | None:
-        """Module paths whose tensors ``rewrite`` may change in place (``None``: any, snapshot all).
+        """Module paths whose tensors ``rewrite`` changes in place (``None``: any, snapshot all values).
 
         ``surgeon.apply(inplace=True)`` copies the values of these modules' tensors before the rewrite
-        (and only the structure of the rest), so a failure rolls back exactly at a fraction of the
-        memory. Module swaps change no tensor in place: the default is the planned sites' paths.
+        and only the structure of the rest, so a failure rolls back exactly at a fraction of the
+        memory; an undeclared in-place change is reported by the rollback, never ignored. Module
+        swaps (every site a module) change no existing tensor: ``[]``. Other sites: ``None``.
         """
-        return [s.name for s in plan.sites if s.kind == "module"] if all(
-            s.kind == "module" for s in plan.sites) else None
+        return [] if all(s.kind == "module" for s in plan.sites) else None
 
     def needs_recipe(self, config: PassConfig) -> str | None:
         """Why ``config``'s rewrite adds *trained* parameters (a reason string), else None.
