@@ -36,6 +36,7 @@ from surgeon.ops.feature_maps import make_feature_map
 from surgeon.ops.linear_attention import bidirectional_linear_attention, linear_attention, local_window_mask
 from surgeon.passes.attention.config import LinearizeAttention
 from surgeon.passes.attention.layout import AttentionLayout, position_qk, qk_heads
+from surgeon.passes.attention.masks import dense_mask
 
 GATE_NORMALIZER = 16.0  # GLA / Liger: log α = logsigmoid(g) / 16 keeps decays close to 1
 
@@ -223,6 +224,8 @@ def _bind(layout: AttentionLayout, args: tuple, kwargs: dict) -> dict[str, Any]:
     for alias in ("past_key_values", "past_key_value", "layer_past"):
         if call.get(alias) is not None and call.get("cache") is None:
             call["cache"] = call[alias]
+    if "attention_mask" in call:
+        call["attention_mask"] = dense_mask(call["attention_mask"])  # flex_attention's BlockMask -> bool tensor
     return call
 
 
