@@ -50,12 +50,13 @@ TINY: dict[str, Any] = dict(
     decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4, embedding_size=64,
     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
 )
+SMALL_MAMBA = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_expand=2, mamba_chunk_size=16)
 FAMILY_KWARGS: dict[str, dict[str, Any]] = {  # features off by default that the suite must see
     "cohere": dict(use_qk_norm=True), "stablelm": dict(qk_layernorm=True), "phi": dict(qk_layernorm=True),
     "persimmon": dict(qk_layernorm=True),
     # hybrids: at least one softmax attention layer among the 4
-    "bamba": dict(attn_layer_indices=[1]), "jamba": dict(attn_layer_offset=1, attn_layer_period=2),
-    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
+    "bamba": dict(attn_layer_indices=[1], **SMALL_MAMBA), "jamba": dict(attn_layer_offset=1, attn_layer_period=2),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"], **SMALL_MAMBA),
     "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"] * 2),
     "lfm3": dict(layer_types=["conv", "full_attention"] * 2),
 }
@@ -163,11 +164,14 @@ def classify(family: str, class_name: str, causal: bool) -> dict[str, Any]:
         row["err_fp64"] = _float64_error(model, ids, causal)
         if row["err_fp64"] is not None and not row["err_fp64"] <= TOL_FP64:
             problems.append(f"float64 error {row['err_fp64']:.1e}")
-        if causal:
+        if causal:  # judged against the original's own consistency (e.g. Mamba layers' decode path)
             row["err_decode"] = _decode_error(surgery.model, ids, got)
             if not row["err_decode"] <= TOL_DECODE:
-                problems.append(f"decode vs prefill {row['err_decode']:.1e}")
-            if not _generate_agrees(surgery.model, ids):
+                own = _decode_error(model, ids, ref)
+                row["reason_note"] = f"original's own decode vs prefill {own:.1e}"
+                if not row["err_decode"] <= max(TOL_DECODE, 2 * own):
+                    problems.append(f"decode vs prefill {row['err_decode']:.1e} (original {own:.1e})")
+            if not _generate_agrees(surgery.model, ids) and _generate_agrees(model, ids):
                 problems.append("generate with cache != without")
     except Exception as e:
         problems.append(f"crash after apply: {type(e).__name__}: {str(e)[:200]}")

@@ -134,6 +134,10 @@ def describe(module: nn.Module, fqn: str) -> AttentionLayout | None:
         q_out, k_out = _fused_sizes(module, config, fqn, fused, total, n_heads, head_dim)
     head_dim = head_dim or q_out // n_heads
     n_heads = n_heads or q_out // head_dim
+    if separate and n_heads and head_dim and q_out == 2 * n_heads * head_dim:
+        raise ConfigError(f"{fqn}.{separate[0]}: the q projection has 2 × {n_heads} heads × head_dim {head_dim} outputs: "
+                          "queries packed with an output gate (Qwen3-Next style), which linear attention does not "
+                          "apply; leave these layers out (layers=[...])")
     if n_heads * head_dim != q_out or k_out % head_dim:
         raise ConfigError(f"{fqn}: head sizes don't divide: q projection has {q_out} outputs for {n_heads} heads × "
                           f"head_dim {head_dim}, k projection {k_out}; fix the config's num_attention_heads / head_dim")
