@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from surgeon.core.modules import eval_mode as model_eval_mode  # noqa: F401 (export modules use this name)
 from surgeon.core.errors import ExportError
 from surgeon.export.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec
 
@@ -68,21 +69,6 @@ def flatten_outputs(out: Any, prefix: str = "") -> list[tuple[str, Tensor]]:
     for key, value in items:
         flat += flatten_outputs(value, f"{prefix}.{key}" if prefix else key)
     return flat
-
-
-@contextlib.contextmanager
-def model_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` (every submodule) in eval mode; restore each module's own flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        try:
-            model.eval()
-        except NotImplementedError:   # a torch.export module(): its graph is fixed to one mode already
-            pass
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 _NOISY_LOGGERS = ("torch", "torch.onnx", "torch.export", "torch._export", "torch._dynamo",
@@ -668,7 +654,7 @@ def ort_optimize_kwargs(ort_optimize: Any, save_optimized: bool | str = False) -
         >>> ort_optimize_kwargs(False) is None
         True
     """
-    from surgeon.export.ort_optimize import _levels, parse_level
+    from surgeon.export.runtime import levels as _levels, parse_level
 
     if ort_optimize is False or ort_optimize is None:
         if save_optimized is False:

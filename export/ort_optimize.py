@@ -41,95 +41,16 @@ from torch import nn
 from surgeon.core.errors import ConfigError, ExportError, VerificationError
 from surgeon.export.manifest import ORT_LEVELS, Manifest, load_manifest, manifest_path_for
 from surgeon.core.report import Report
+from surgeon.export.runtime import LEVELS, levels as _levels, make_session, parse_level, session_options
 
 __all__ = ["LEVELS", "SAVE_LEVEL", "LevelResult", "OptimizeReport", "optimize", "parse_level",
            "session_options", "make_session"]
 
-_ORT_NAMES = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-              "extended": "ORT_ENABLE_EXTENDED", "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
-
-
-def _available() -> tuple[str, ...]:
-    try:
-        import onnxruntime as ort
-    except ImportError:  # the names are still known; sessions will fail with a clear error
-        return ORT_LEVELS
-    return tuple(n for n in ORT_LEVELS if hasattr(ort.GraphOptimizationLevel, _ORT_NAMES[n]))
-
-
-#: levels this onnxruntime knows, lowest first (``layout`` exists from onnxruntime 1.22 on)
-LEVELS: tuple[str, ...] = _available()
 #: the level :func:`optimize` saves at with ``save=True``: portable (no hardware-specific fusions)
 SAVE_LEVEL = "extended"
 #: a higher level is chosen only when faster than a lower passing one by more than this fraction
 TIE = 0.02
-_ALIASES = {"none": "disabled", "disable": "disabled", "off": "disabled", "0": "disabled",
-            "1": "basic", "2": "extended", "3": "layout", "99": "all", "enable_all": "all"}
 
-
-def parse_level(level: Any) -> str:
-    """A level name (``"extended"``), ``ORT_ENABLE_EXTENDED``, a ``GraphOptimizationLevel`` or its
-    number → the manifest's name; anything else is a :class:`ConfigError` listing the levels.
-
-    Example:
-        >>> parse_level("ORT_ENABLE_ALL"), parse_level(1), parse_level("Extended")
-        ('all', 'basic', 'extended')
-        >>> parse_level("fast")
-        Traceback (most recent call last):
-        ...
-        surgeon.core.errors.ConfigError: unknown onnxruntime graph optimization level 'fast'; use one of ['disabled', 'basic', 'extended', 'layout', 'all'] (or onnxruntime.GraphOptimizationLevel)
-    """
-    name = getattr(level, "name", None)  # onnxruntime.GraphOptimizationLevel member
-    text = name if isinstance(name, str) else str(level) if isinstance(level, (str, int)) else None
-    if text is not None and not isinstance(level, bool):
-        key = text.strip().lower().removeprefix("ort_").removeprefix("graphoptimizationlevel.")
-        key = {"disable_all": "disabled", "enable_basic": "basic", "enable_extended": "extended",
-               "enable_layout": "layout"}.get(key, key)
-        key = _ALIASES.get(key, key)
-        if key in LEVELS:
-            return key
-    raise ConfigError(f"unknown onnxruntime graph optimization level {level!r}; use one of "
-                      f"{list(LEVELS)} (or onnxruntime.GraphOptimizationLevel)")
-
-
-def session_options(level: str | None = None, threads: int | None = None) -> Any:
-    """``onnxruntime.SessionOptions`` at ``level`` (None: onnxruntime's default, ``all``).
-
-    ``threads`` sets ``intra_op_num_threads``; worker threads never spin between runs, so timings
-    on few cores are not skewed by idle ORT threads.
-
-    Example:
-        >>> session_options("basic", threads=1).graph_optimization_level.name
-        'ORT_ENABLE_BASIC'
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if level is not None:
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                                _ORT_NAMES[parse_level(level)])
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
-
-
-def make_session(path: str | Path, level: str | None = None, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), options: Any = None) -> Any:
-    """An ``InferenceSession`` for ``path`` at ``level``; a load failure is an :class:`ExportError`."""
-    import onnxruntime as ort
-
-    opts = options if options is not None else session_options(level, threads)
-    try:
-        return ort.InferenceSession(str(path), opts, providers=list(providers))
-    except Exception as e:
-        text = " ".join(str(e).split())[:400]
-        raise ExportError(f"onnxruntime cannot load {path} at optimization level {level or 'default'}: "
-                          f"{type(e).__name__}: {text}") from e
-
-
-# ----------------------------------------------------------------------------- results
 
 @dataclass
 class LevelResult:
@@ -529,20 +450,6 @@ def optimize(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return report
-
-
-def _levels(levels: Sequence[Any] | str | bool | None) -> list[str]:
-    if levels is None or levels is True:
-        chosen = list(LEVELS)
-    elif levels is False:
-        raise ConfigError("levels=False checks nothing; pass None/True for every level, or a list")
-    elif isinstance(levels, (str, int)) or hasattr(levels, "name"):
-        chosen = [parse_level(levels)]
-    else:
-        chosen = [parse_level(lv) for lv in levels]
-        if not chosen:
-            raise ConfigError(f"levels is empty; use some of {list(LEVELS)}")
-    return sorted(set(chosen), key=ORT_LEVELS.index)
 
 
 def _ort_version() -> str:

@@ -41,6 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from surgeon.core.errors import ConfigError, ExportError
+from surgeon.export.runtime import make_session
 from surgeon.fx.tracing import SurgeonUnit
 from surgeon.ops.activation import BinaryMaskedReLU, MaskedReLU, relu_kind
 from surgeon.ops.poly_units import BinaryMaskedPoly, poly_eval
@@ -207,7 +208,6 @@ def count_relu_elements(path: str | Path, input_shapes: dict[str, list[int]] | N
     ``input_shapes`` (default: the manifest's example shapes), and divides by the batch size.
     """
     import onnx
-    import onnxruntime as ort
 
     file = _onnx_file(path)
     proto = onnx.load(str(file), load_external_data=True)
@@ -230,7 +230,7 @@ def count_relu_elements(path: str | Path, input_shapes: dict[str, list[int]] | N
             input_shapes = {t.name: list(t.example_shape) for t in spec.inputs}
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"no manifest next to {file}; pass input_shapes={{name: shape}} ({e})") from None
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = make_session(proto)
     feeds = {}
     batch = None
     rng = np.random.default_rng(0)

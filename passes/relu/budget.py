@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from surgeon.core.errors import ConfigError, PlanError
 from surgeon.ops.activation import MaskedReLU, activation
+from surgeon.ops.losses import distillation_kl
 from surgeon.ops.poly_units import MaskedPolyReLU, least_squares_coef
 from surgeon.core.report import Report
 
@@ -301,9 +302,7 @@ class BudgetResult:
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, temperature: float,
             alpha: float, reduction: str = "mean") -> torch.Tensor:
     """``α·T²·KL(teacher‖student) + (1 − α)·CE`` (per sample with ``reduction='none'``)."""
-    t = temperature
-    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                  reduction="none").sum(-1) * t * t
+    kl = distillation_kl(student, teacher, temperature)
     loss = kl if labels is None else alpha * kl + (1 - alpha) * F.cross_entropy(student, labels, reduction="none")
     if labels is None and alpha < 1:
         loss = kl

@@ -7,8 +7,15 @@ Example:
     'Identity'
     >>> free_attr_name(m, "0")
     '0_1'
+    >>> with eval_mode(m): m.training
+    False
+    >>> m.training
+    True
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch.nn as nn
 
@@ -31,3 +38,19 @@ def free_attr_name(owner: nn.Module, wanted: str) -> str:
         k += 1
         name = f"{wanted}_{k}"
     return name
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` (every submodule) in eval mode; restore each module's own flag on exit.
+
+    A ``torch.export`` module refuses ``eval()`` (its graph is fixed to one mode already): left as is.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        with contextlib.suppress(NotImplementedError):
+            model.eval()
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag

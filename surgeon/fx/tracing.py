@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from surgeon.core.modules import free_attr_name, get_submodule, set_submodule  # noqa: F401 (re-exported)
+from surgeon.core.modules import eval_mode, free_attr_name, get_submodule, set_submodule  # noqa: F401 (re-exported)
 from surgeon.fx import patterns as graph_patterns
 from surgeon.core.errors import TraceError
 
@@ -101,17 +101,8 @@ def trace(
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Fill ``node.meta['tensor_meta']`` by running ``gm`` once (eval mode, no grad, modes restored)."""
-    modes = {m: m.training for m in gm.modules()}
-    try:
-        try:
-            gm.eval()
-        except NotImplementedError:  # torch.export's module(): its graph is fixed to one mode anyway
-            pass
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(gm), torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
 
 
 def node_shape(node: fx.Node) -> list[int] | None:
