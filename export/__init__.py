@@ -10,6 +10,7 @@ Example:
 from surgeon.export.causal_lm import export_causal_lm
 from surgeon.export.divergence import DivergenceReport, locate_divergence
 from surgeon.export.generator import OnnxGenerator
+from surgeon.export.genai import to_genai
 from surgeon.export.hf_folder import to_hf
 from surgeon.export.manifest import GraphSpec, Manifest, TensorSpec, load_manifest
 from surgeon.export.onnx_export import ExportResult, flatten_outputs, to_onnx
@@ -21,5 +22,5 @@ __all__ = [
     "to_onnx", "verify", "export_causal_lm", "OnnxGenerator", "verify_causal_lm", "LMVerifyReport", "ExportResult", "VerifyReport", "load_manifest",
     "Manifest", "GraphSpec", "TensorSpec", "flatten_outputs", "optimize", "OptimizeReport",
     "locate_divergence", "DivergenceReport",
-    "to_hf",
+    "to_hf", "to_genai",
 ]

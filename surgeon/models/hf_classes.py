@@ -59,7 +59,14 @@ def replay_recipe(model: nn.Module, recipe: dict[str, Any] | None) -> None:
                           "surgeon.export.to_hf(surgery, path)")
     parsed = Recipe.from_dict(recipe)
     configs = [entry.build_config() for entry in parsed.entries]
-    surgery = surgeon.apply(model, *configs, inplace=True, recorded=[entry.sites for entry in parsed.entries])
+    # config.layer_types describes the rewritten model's cache; the passes check the original's
+    config = getattr(model, "config", None)
+    cache_types = config.__dict__.pop("layer_types", None) if config is not None else None
+    try:
+        surgery = surgeon.apply(model, *configs, inplace=True, recorded=[entry.sites for entry in parsed.entries])
+    finally:
+        if cache_types is not None:
+            config.layer_types = cache_types
     if surgery.model is not model:
         names = [e.pass_name for e in parsed.entries]
         raise ExportError(f"the recipe's passes {names} turn {type(model).__name__} into "
