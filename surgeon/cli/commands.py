@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_distill_parser(sub)
 
+    from surgeon.cli.clients import add_parser as add_clients_parser
+
+    add_clients_parser(sub)
+
     p = sub.add_parser("report", help="print the report of a saved surgery (or --linearity MODEL: per-block linearity)")
     p.add_argument("directory", nargs="?")
     p.add_argument("--linearity", metavar="MODEL", help="print (and --plot) the R² of each block's best linear map")
