@@ -8,7 +8,8 @@ Example:
     True
 """
 from surgeon.export.causal_lm import export_causal_lm
-from surgeon.export.divergence import DivergenceReport, locate_divergence
+from surgeon.export.criterion import DEFAULT_CRITERION, Criterion
+from surgeon.export.divergence import DivergenceReport, locate_divergence, weight_mismatches
 from surgeon.export.generator import OnnxGenerator
 from surgeon.export.genai import to_genai
 from surgeon.export.hf_folder import to_hf
@@ -21,6 +22,6 @@ from surgeon.export.verify_lm import LMVerifyReport, verify_causal_lm
 __all__ = [
     "to_onnx", "verify", "export_causal_lm", "OnnxGenerator", "verify_causal_lm", "LMVerifyReport", "ExportResult", "VerifyReport", "load_manifest",
     "Manifest", "GraphSpec", "TensorSpec", "flatten_outputs", "optimize", "OptimizeReport",
-    "locate_divergence", "DivergenceReport",
+    "locate_divergence", "DivergenceReport", "weight_mismatches", "Criterion", "DEFAULT_CRITERION",
     "to_hf", "to_genai",
 ]

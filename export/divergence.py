@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from surgeon.core.errors import ExportError
 from surgeon.export.manifest import load_manifest
 
-__all__ = ["locate_divergence", "divergence_or_reason", "DivergenceReport", "ModuleDivergence", "WeightMismatch"]
+__all__ = ["locate_divergence", "divergence_or_reason", "weight_mismatches", "DivergenceReport", "ModuleDivergence", "WeightMismatch"]
 
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _FLOAT_TYPES = {1, 10, 11, 16}       # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
@@ -280,7 +280,8 @@ def _weight_mismatches(proto: Any, node_scopes: list[list[str]], model: nn.Modul
 def locate_divergence(path: str | Path, model: nn.Module, inputs: Sequence[Tensor], *,
                       graph: str | None = None, atol: float = 1e-5, rtol: float = 1e-4,
                       ort_level: str | None = None,
-                      providers: Sequence[str] = ("CPUExecutionProvider",)) -> DivergenceReport:
+                      providers: Sequence[str] = ("CPUExecutionProvider",),
+                      criterion: Any = None) -> DivergenceReport:
     """Find the first module whose output differs between an ONNX export and ``model``.
 
     ``path``: an export folder / manifest / ``.onnx`` written by :func:`surgeon.export.to_onnx`;
@@ -289,7 +290,9 @@ def locate_divergence(path: str | Path, model: nn.Module, inputs: Sequence[Tenso
     ``surgeon.export.stateful_lm.PrefillLM(model)``) and ``inputs`` its positional inputs at any
     shape the graph accepts. The model is run in eval mode under ``no_grad``; its hooks are removed
     and its training flags restored afterwards. onnxruntime runs at ``ort_level`` (default: the level
-    the manifest records), with every module's output exposed.
+    the manifest records), with every module's output exposed. A module diverges when its output
+    fails ``criterion`` (a :class:`surgeon.export.Criterion`, as verify uses) or, without one, when
+    any element is beyond ``atol + rtol·|torch|``; weights are always compared at ``atol`` / ``rtol``.
 
     Example:
         >>> import torch, surgeon.export
@@ -346,12 +349,47 @@ def locate_divergence(path: str | Path, model: nn.Module, inputs: Sequence[Tenso
             value, node = same_shape[0]
             got = torch.from_numpy(np.ascontiguousarray(ort_values[value])).to(t.dtype)
             info = VerificationInfo.from_tensors(name=value, expected=t.cpu(), actual=got)
-            bad = bool((~torch.isclose(got.double(), t.cpu().double(), atol=atol, rtol=rtol, equal_nan=True)).any())
+            if criterion is not None:
+                bad = not criterion.check(value, ort_values[value], t.cpu().numpy()).passed
+            else:
+                bad = bool((~torch.isclose(got.double(), t.cpu().double(), atol=atol, rtol=rtol,
+                                           equal_nan=True)).any())
             report.modules.append(ModuleDivergence(
                 module=module, module_class=classes.get(module, "?"), onnx_value=value,
                 onnx_node=node.name, onnx_op=node.op_type, max_abs=float(info.max_abs_diff),
                 max_rel=float(info.max_rel_diff), diverges=bad))
     return report
+
+
+def weight_mismatches(path: str | Path, model: nn.Module, *, graph: str | None = None, atol: float = 0.0,
+                      rtol: float = 1e-6) -> list[WeightMismatch]:
+    """The model's parameters / buffers that the ONNX graph holds with other values (beyond ``atol + rtol·|w|``).
+
+    ``model`` is the module the graph was exported from (for a causal LM's graphs, ``PrefillLM(model)``
+    / ``DecodeLM(model)``). Export copies weights bit for bit, so the default bound only allows for
+    a transposed or re-laid-out copy; anything else is a model edited after export.
+
+    Example:
+        >>> import torch, surgeon.export
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> _ = surgeon.export.to_onnx(net, "/tmp/doc_weights", torch.randn(2, 4), overwrite=True)
+        >>> weight_mismatches("/tmp/doc_weights", net)
+        []
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.mul_(1 + 1e-3)
+        >>> [w.name for w in weight_mismatches("/tmp/doc_weights", net)]
+        ['0.weight']
+    """
+    import onnx
+
+    manifest = load_manifest(path)
+    gname = graph if graph is not None else next(iter(manifest.graphs))
+    onnx_path = manifest.graph_path(gname)
+    try:
+        proto = onnx.load(str(onnx_path))
+    except Exception as e:
+        raise ExportError(f"cannot read ONNX graph {onnx_path} with its external data: {e}") from e
+    return _weight_mismatches(proto, [_node_modules(n) for n in proto.graph.node], model, atol, rtol)
 
 
 def divergence_or_reason(path: str | Path, model: nn.Module, inputs: Sequence[Tensor], **kwargs: Any

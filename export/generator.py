@@ -52,9 +52,24 @@ class OnnxGenerator:
         self.chunk = int(self.manifest.exporter["chunk"])
         self.state_specs = self.manifest.exporter["state"]
         self.state_names = [s["name"].replace("state.", "state_in.") for s in self.state_specs]
+        self._check_manifest_state()
         used = self.decode.get_providers()
         self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
         self.io_binding = (used[0] != "CPUExecutionProvider") if io_binding is None else bool(io_binding)
+
+    def _check_manifest_state(self) -> None:
+        """The manifest's state specs match decode.onnx's state inputs (names and fixed dims)."""
+        graph = {i.name: i for i in self.decode.get_inputs()}
+        for spec, name in zip(self.state_specs, self.state_names):
+            got = graph.get(name)
+            want = spec["shape"]
+            fixed_differs = got is not None and (len(got.shape) != len(want) or any(
+                isinstance(w, int) and g != w for g, w in zip(got.shape, want)))
+            if got is None or fixed_differs:
+                found = "no such input" if got is None else f"shape {got.shape}"
+                raise ExportError(f"{self.manifest.root / 'manifest.json'} says decode.onnx takes {name} of shape {want} "
+                                  f"({spec['kind']} of layer {spec['layer']}), but the graph has {found}: the manifest "
+                                  "and the graphs come from different exports; re-export into an empty folder")
 
     # -- the two graphs ---------------------------------------------------------------------------
     def run_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

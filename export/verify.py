@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from surgeon.core.errors import ExportError, VerificationError
+from surgeon.core.errors import ConfigError, ExportError, VerificationError
+from surgeon.export.criterion import DEFAULT_CRITERION, Criterion, OutputVerdict
 from surgeon.export.manifest import GraphSpec, TensorSpec, load_manifest
 from surgeon.export.onnx_export import flatten_outputs, model_eval_mode
 from surgeon.core.report import Report
@@ -56,9 +57,17 @@ class OutputCheck:
     shape: list[int]
     max_abs: float
     max_rel: float
-    n_bad: int                   # elements with |ort - torch| > atol + rtol * |torch| (or NaN)
+    n_bad: int                   # elements beyond the criterion's element bound (or NaN)
     numel: int
     passed: bool
+    snr_db: float = float("inf")
+    bound: float = 0.0           # the largest per-element bound applied
+    reasons: list[str] = field(default_factory=list)   # what failed (the criterion's words)
+
+    @staticmethod
+    def of(v: OutputVerdict) -> "OutputCheck":
+        return OutputCheck(v.name, v.shape, v.max_abs, v.max_rel, v.n_bad, v.numel, v.passed, v.snr_db,
+                           v.bound, list(v.reasons))
 
 
 @dataclass
@@ -101,14 +110,15 @@ class VerifyReport:
     onnx_path: str
     graph: str
     providers: list[str]
-    atol: float
-    rtol: float
+    atol: float | None           # explicit element bounds (None: the criterion's scaled bound)
+    rtol: float | None
     dim_checks: list[DimCheck]
     rows: list[ShapeCheck]
     passed: bool
     notes: list[str] = field(default_factory=list)
     ort_level: str | None = None     # onnxruntime graph optimization level used (None: its default)
     divergence: dict[str, Any] | None = None   # surgeon.export.locate_divergence on the first failing case
+    criterion: dict[str, Any] = field(default_factory=dict)   # the Criterion applied (to_dict)
 
     @property
     def max_abs(self) -> float:
@@ -139,13 +149,12 @@ class VerifyReport:
                 if not o.passed:
                     out.append((
                         f"output {o.name!r} at input shapes {r.shapes_str()}: ONNX Runtime differs "
-                        f"from PyTorch by max abs error {o.max_abs:.3e} (max rel {o.max_rel:.3e}); "
-                        f"{o.n_bad} of {o.numel} elements exceed the tolerance atol={self.atol:g} + "
-                        f"rtol={self.rtol:g}*|torch|.",
+                        f"from PyTorch by max abs error {o.max_abs:.3e} (max rel {o.max_rel:.3e}, SNR "
+                        f"{o.snr_db:.1f} dB): {'; '.join(o.reasons)}.",
                         "check that the model passed to verify is the exported one (same weights, "
                         "no edits since export); if only shapes other than the export shape fail, "
                         "the export specialised a dim (shape-dependent Python code); if the error "
-                        "is float noise (fp16, long reductions), loosen atol/rtol."))
+                        "is float noise (fp16, long reductions), pass a looser surgeon.export.Criterion."))
         return out
 
     def failures(self) -> list[str]:
@@ -173,18 +182,18 @@ class VerifyReport:
                 rows.append({**base, "output": "ERROR", "ok": False})
             for o in r.outputs:
                 rows.append({**base, "output": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel,
-                             "n_bad": o.n_bad, "ok": o.passed})
+                             "snr_db": o.snr_db, "n_bad": o.n_bad, "ok": o.passed})
                 base = {"case": "", "inputs": "", "ort_ms": None, "torch_ms": None}
         n_dyn = len(self.dim_checks)
         summary = {"graph": Path(self.onnx_path).name, "providers": ", ".join(self.providers),
                    "onnxruntime optimization level": self.ort_level or "all (onnxruntime default)",
-                   "atol / rtol": f"{self.atol:g} / {self.rtol:g}",
+                   "criterion": self.criterion.get("description", ""),
                    "dynamic dims symbolic": f"{sum(c.passed for c in self.dim_checks)}/{n_dyn}",
                    "max abs error": self.max_abs, "passed": self.passed}
         where = [f"where: {self.divergence['summary']}"] if self.divergence is not None else []
         return Report(
             title=f"ONNX verification: {'PASSED' if self.passed else 'FAILED'}",
-            columns=["case", "inputs", "output", "max_abs", "max_rel", "n_bad", "ort_ms",
+            columns=["case", "inputs", "output", "max_abs", "max_rel", "snr_db", "n_bad", "ort_ms",
                      "torch_ms", "ok"],
             rows=rows, summary=summary, notes=[*self.notes, *self.failures(), *where])
 
@@ -294,21 +303,6 @@ def _to_numpy(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _compare(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> OutputCheck:
-    a = np.asarray(got, dtype=np.float64) if not np.iscomplexobj(got) else np.asarray(got)
-    b = np.asarray(ref, dtype=np.float64) if not np.iscomplexobj(ref) else np.asarray(ref)
-    if a.size == 0:
-        return OutputCheck(name, list(b.shape), 0.0, 0.0, 0, 0, True)
-    diff = np.abs(a - b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = diff / (np.abs(b) + 1e-12)
-    bad = ~(diff <= atol + rtol * np.abs(b))  # NaN counts as bad
-    max_abs = float(np.nan) if np.isnan(diff).any() else float(diff.max())
-    max_rel = float(np.nan) if np.isnan(rel).any() else float(rel.max())
-    n_bad = int(bad.sum())
-    return OutputCheck(name, list(b.shape), max_abs, max_rel, n_bad, int(b.size), n_bad == 0)
-
-
 def _median_ms(fn: Any, repeats: int) -> float:
     times = []
     for _ in range(max(1, repeats)):
@@ -332,7 +326,7 @@ def _short(e: BaseException, limit: int = 400) -> str:
 
 
 def _run_case(i: int, case: tuple[Tensor, ...], names: list[str], sess: Any,
-              model: nn.Module, device: torch.device, atol: float, rtol: float,
+              model: nn.Module, device: torch.device, criterion: Criterion,
               repeats: int) -> ShapeCheck:
     row = ShapeCheck(case=i, input_shapes={n: list(t.shape) for n, t in zip(names, case)})
     ort_names = {x.name for x in sess.get_inputs()}
@@ -367,7 +361,7 @@ def _run_case(i: int, case: tuple[Tensor, ...], names: list[str], sess: Any,
             row.error = (f"output {oname!r} has shape {list(got.shape)} in ONNX Runtime but "
                          f"{list(want_np.shape)} in PyTorch")
             return row
-        row.outputs.append(_compare(oname, got, want_np, atol, rtol))
+        row.outputs.append(OutputCheck.of(criterion.check(oname, got, want_np)))
     return row
 
 
@@ -377,18 +371,21 @@ def verify(
     path: str | Path,
     model: nn.Module,
     inputs: list[tuple[Tensor, ...]] | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float | None = None,
+    rtol: float | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     raise_on_failure: bool = True,
     *,
     graph: str | None = None,
-    n_shapes: int = 3,
-    repeats: int = 3,
+    n_shapes: int | None = None,
+    repeats: int | None = None,
     seed: int = 0,
     ort_level: str | None = None,
     locate: bool = True,
-) -> VerifyReport:
+    criterion: Criterion | None = None,
+    shapes: list[tuple[int, int]] | None = None,
+    n_generate: int | None = None,
+) -> Any:
     """Check an export against ``model`` in onnxruntime, at shapes other than the export shape.
 
     Loads the manifest written by :func:`surgeon.export.to_onnx` (``path``: the export folder, the
@@ -396,13 +393,20 @@ def verify(
     symbolic ``dim_param`` in the graph, then runs ONNX Runtime and ``model`` (eval mode, no_grad;
     training flags restored) on ``inputs`` or, when ``None``, on ``n_shapes`` seeded random input
     sets that vary every dynamic dim (batch 1, 3, 5; other dims at 1/2, 2x and 1.5x the example).
-    An output passes when ``allclose(ort, torch, atol, rtol)``. ``repeats`` timed runs after a
-    warm-up give the median latency of each. On failure raises :class:`VerificationError` (with
+    An output passes the :class:`surgeon.export.Criterion` given, by default
+    ``DEFAULT_CRITERION`` (an element bound scaled to the output's magnitude and an SNR floor);
+    ``atol`` / ``rtol``, when given, replace its element bound exactly (nothing is widened).
+    ``repeats`` (default 3) timed runs after a warm-up give the median latency of each. On failure raises :class:`VerificationError` (with
     ``.report``) unless ``raise_on_failure=False``. Sessions use the onnxruntime graph optimization
     level the manifest records (:func:`surgeon.export.optimize`), or ``ort_level`` when given.
     When outputs differ and ``locate`` is true, :func:`surgeon.export.locate_divergence` runs on
     the first failing case and the report (``.divergence``, the error message) names the first
     module whose output diverges, its ONNX node, and any weight that changed since export.
+
+    A prefill/decode export of a causal LM is checked by :func:`surgeon.export.verify_causal_lm`
+    (returns its :class:`LMVerifyReport`; ``shapes`` and ``n_generate`` go to it). Arguments a path
+    does not use raise :class:`ConfigError` rather than being ignored: ``inputs``, ``graph`` and
+    ``n_shapes`` for a causal LM; ``shapes`` and ``n_generate`` for any other graph.
 
     Example:
         >>> import torch, surgeon.export
@@ -415,13 +419,27 @@ def verify(
     import onnx
     import onnxruntime as ort
 
+    crit = Criterion.resolve(criterion, atol, rtol)
     manifest = load_manifest(path)
     if manifest.exporter.get("kind") == "causal_lm_stateful":
         from surgeon.export.verify_lm import verify_causal_lm
 
-        return verify_causal_lm(path, model, atol=max(atol, 1e-4), rtol=max(rtol, 1e-3),
-                                raise_on_failure=raise_on_failure, seed=seed, ort_level=ort_level,
-                                locate=locate)
+        unused = {"inputs": inputs, "graph": graph, "n_shapes": n_shapes}
+        given = [k for k, v in unused.items() if v is not None]
+        if given:
+            raise ConfigError(f"verify: {given} do not apply to a prefill/decode export ({path}): it is checked "
+                              "at shapes=[(batch, length), ...] (random prompts, both graphs, greedy generation); "
+                              "drop them or pass shapes=...")
+        extra = {k: v for k, v in (("shapes", shapes), ("n_generate", n_generate), ("repeats", repeats))
+                 if v is not None}
+        return verify_causal_lm(path, model, criterion=crit, raise_on_failure=raise_on_failure, seed=seed,
+                                ort_level=ort_level, locate=locate, providers=providers, **extra)
+    if shapes is not None or n_generate is not None:
+        raise ConfigError(f"verify: shapes / n_generate apply to prefill/decode exports of causal LMs only; "
+                          f"{path} is a {manifest.exporter.get('kind', 'forward')!r} export: pass inputs=[...] "
+                          "or n_shapes=")
+    n_shapes = 3 if n_shapes is None else n_shapes
+    repeats = 3 if repeats is None else repeats
     gname = graph if graph is not None else (
         next(iter(manifest.graphs)) if len(manifest.graphs) == 1 else "model")
     g = manifest.graph(gname)
@@ -467,20 +485,20 @@ def verify(
     rows: list[ShapeCheck] = []
     with model_eval_mode(model):
         for i, case in enumerate(cases):
-            rows.append(_run_case(i, case, names, sess, model, device, atol, rtol, repeats))
+            rows.append(_run_case(i, case, names, sess, model, device, crit, repeats))
 
     passed = all(c.passed for c in dim_checks) and all(r.passed for r in rows)
     used_providers = list(sess.get_providers())
     del sess
     report = VerifyReport(onnx_path=str(onnx_path), graph=gname,
-                          providers=used_providers, atol=atol, rtol=rtol,
+                          providers=used_providers, atol=crit.atol, rtol=crit.rtol,
                           dim_checks=dim_checks, rows=rows, passed=passed, notes=notes,
-                          ort_level=level)
+                          ort_level=level, criterion=crit.to_dict())
     failing = next((c for c, r in zip(cases, rows) if r.error is None and not r.passed), None)
     if locate and failing is not None:
         from surgeon.export.divergence import divergence_or_reason
 
-        report.divergence = divergence_or_reason(path, model, failing, graph=gname, atol=atol, rtol=rtol,
+        report.divergence = divergence_or_reason(path, model, failing, graph=gname, criterion=crit,
                                                  ort_level=level, providers=providers)
     if not passed and raise_on_failure:
         raise VerificationError(report.error_message(), report)

@@ -186,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check an ONNX export against PyTorch in onnxruntime")
     p.add_argument("onnx", help="ONNX export directory (with manifest.json)")
     p.add_argument("--model", required=True, help="saved surgery directory or a model name")
-    p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=None,
+                   help="explicit element bound |ort - torch| <= atol + rtol*|torch|, used exactly (default: "
+                        "surgeon.export.DEFAULT_CRITERION, a bound scaled to each output + SNR + token checks)")
+    p.add_argument("--rtol", type=float, default=None, help="see --atol")
     p.add_argument("--json", help="write the verification report here (JSON; LM exports also write a .md beside it)")
     p.add_argument("--ort-level", help="onnxruntime graph optimization level for the check (default: the manifest's)")
     p.add_argument("--ort-levels", action="store_true",

@@ -15,7 +15,10 @@ def test_smollm2_exports_verifies_and_generates_in_onnxruntime(tmp_path):
     lm = surgeon.apply(model, LinearizeAttention(feature_map="hedgehog", window=64)).model
     surgeon.export.to_onnx(lm, tmp_path / "onnx")
     report = surgeon.export.verify(tmp_path / "onnx", lm)
-    assert report.passed and report.max_abs <= 1e-4 and report.greedy_agreement == 1.0
+    # SmolLM2's massive activation makes float32 engines differ by ~1e-3 absolute: judged relative to the
+    # logits (DEFAULT_CRITERION), with the tokens; tests/models/test_smollm2_verify.py injects faults
+    assert report.passed, report.first_failure
+    assert report.min_snr_db >= 80 and report.weight_mismatches == {}
     gen = surgeon.export.OnnxGenerator(tmp_path / "onnx")
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     text = tok.decode(gen.generate(ids, max_new_tokens=8)[0])
