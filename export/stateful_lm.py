@@ -1,7 +1,8 @@
 """A linearized causal LM as two pure functions with explicit, fixed-size state: prefill and decode.
 
 Per linearized layer the state is the recurrent state ``(batch, heads, F, head_dim + 1)`` (fp32) plus,
-for hybrids, the softmax window's last ``window - 1`` keys and values and a validity flag per slot.
+for hybrids, the softmax window's last ``window - 1`` keys and values and a validity flag per slot,
+and for layers with attention sinks the ``sinks`` sink keys and values with a flag per slot.
 Its size never depends on the context length. Layers left as softmax attention (``layers=`` of
 ``LinearizeAttention``, ``keep_softmax`` of distillation) carry an ordinary KV cache of their own,
 ``(batch, kv_heads, past, head_dim)`` plus a validity flag per cached token, which grows by one per
@@ -19,10 +20,10 @@ Example:
     >>> from surgeon.passes import LinearizeAttention
     >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
-    >>> lm = surgeon.apply(transformers.LlamaForCausalLM(cfg).eval(), LinearizeAttention(window=4)).model
+    >>> lm = surgeon.apply(transformers.LlamaForCausalLM(cfg).eval(), LinearizeAttention(window=4, sinks=2)).model
     >>> layout = StateLayout.of(lm)
-    >>> [s.name for s in layout.specs][:4]
-    ['state.0.recurrent', 'state.0.window_keys', 'state.0.window_values', 'state.0.window_valid']
+    >>> [s.name.split(".")[-1] for s in layout.specs][:7]
+    ['recurrent', 'window_keys', 'window_values', 'window_valid', 'sink_keys', 'sink_values', 'sink_valid']
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch import Tensor
-from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionAndSlidingWindowAttentionLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from surgeon.core.errors import ExportError
+from surgeon.passes.attention.module import LinearAttention, SinkWindowLayer
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class StateSpec:
 
     name: str
     layer: int
-    kind: str          # recurrent | window_keys | window_values | window_valid | keys | values | valid
+    kind: str          # recurrent | window_keys | window_values | window_valid | sink_keys | sink_values |
+                       # sink_valid | keys | values | valid
     shape: tuple[int | str, ...]   # "past": the growing key axis of a softmax layer's KV cache
     dtype: torch.dtype
 
@@ -78,8 +81,6 @@ class StateLayout:
 
     @staticmethod
     def of(model: nn.Module) -> "StateLayout":
-        from surgeon.passes.attention.module import LinearAttention
-
         units = sorted(((m.layer_idx, m) for m in model.modules() if isinstance(m, LinearAttention)),
                        key=lambda item: item[0])
         if not units:
@@ -116,6 +117,13 @@ class StateLayout:
                     StateSpec(f"state.{idx}.window_values", idx, "window_values", (lay.n_kv_heads, w, lay.head_dim),
                               dtype),
                     StateSpec(f"state.{idx}.window_valid", idx, "window_valid", (w,), torch.bool),
+                ]
+            if unit.sinks:
+                n = unit.sinks
+                specs += [
+                    StateSpec(f"state.{idx}.sink_keys", idx, "sink_keys", (lay.n_kv_heads, n, lay.head_dim), dtype),
+                    StateSpec(f"state.{idx}.sink_values", idx, "sink_values", (lay.n_kv_heads, n, lay.head_dim), dtype),
+                    StateSpec(f"state.{idx}.sink_valid", idx, "sink_valid", (n,), torch.bool),
                 ]
         return StateLayout(tuple(units), n_layers, tuple(specs), softmax, pad if softmax else 0)
 
@@ -168,7 +176,9 @@ class StatefulLM(nn.Module):
                 layers.append(layer)
                 continue
             w = _window(self.layout, idx)
-            layer = LinearAttentionAndSlidingWindowAttentionLayer(sliding_window=max(w + 1, 2))
+            layer = SinkWindowLayer(sliding_window=max(w + 1, 2))
+            if "sink_keys" in parts:
+                layer.sink_state = (parts["sink_keys"], parts["sink_values"], parts["sink_valid"])
             layer.is_initialized = True
             layer.dtype, layer.device = parts["recurrent"].dtype, parts["recurrent"].device
             if w:
@@ -208,6 +218,8 @@ class StatefulLM(nn.Module):
             w = _window(self.layout, spec.layer)
             if spec.kind == "recurrent":
                 new_state.append(layer.recurrent_states[0])
+            elif spec.kind.startswith("sink_"):
+                new_state.append(layer.sink_state[("sink_keys", "sink_values", "sink_valid").index(spec.kind)])
             elif spec.kind in ("keys", "window_keys"):
                 new_state.append(layer.keys if spec.kind == "keys" else layer.keys[..., -w:, :])
             elif spec.kind in ("values", "window_values"):

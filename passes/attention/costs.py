@@ -7,8 +7,9 @@ multiply-accumulate is 2 FLOPs; projections q/k/v/o are excluded — they are un
 * softmax decode at context L: 4·H·L·D per token; its state is the KV cache, 2·Hkv·L·D elements.
 * linear attention (feature size F, value dim D, window w, chunk C): per token 4·H·F·(D+1) for the
   state read-out and update, 2·H·min(C, L)·(F + D) for the intra-chunk part of the chunked prefill,
-  4·H·w·D for the softmax window, plus the feature maps (hedgehog: 2·(H+Hkv)·D·f).
-  Its decode state is H·F·(D+1) fp32 elements plus the window's (w−1) keys and values.
+  4·H·(w + k)·D for the softmax window and the k attention sinks, plus the feature maps (hedgehog:
+  2·(H+Hkv)·D·f). Its decode state is H·F·(D+1) fp32 elements plus the window's (w−1) and the
+  sinks' k keys and values.
 
 Example:
     >>> c = AttentionShape(n_heads=9, n_kv_heads=3, head_dim=64, feature_dim=128, window=64, chunk=64)
@@ -31,6 +32,7 @@ class AttentionShape:
     window: int
     chunk: int
     hedgehog_dim: int = 0
+    sinks: int = 0
 
 
 def softmax_prefill_flops(s: AttentionShape, length: int) -> int:
@@ -50,7 +52,7 @@ def _feature_map_flops(s: AttentionShape) -> int:
 
 
 def linear_decode_flops(s: AttentionShape) -> int:
-    window = 4 * s.n_heads * s.window * s.head_dim
+    window = 4 * s.n_heads * (s.window + s.sinks) * s.head_dim
     return 4 * s.n_heads * s.feature_dim * (s.head_dim + 1) + window + _feature_map_flops(s)
 
 
@@ -61,7 +63,7 @@ def linear_prefill_flops(s: AttentionShape, length: int) -> int:
 
 def linear_state_bytes(s: AttentionShape, dtype_bytes: int) -> int:
     recurrent = s.n_heads * s.feature_dim * (s.head_dim + 1) * 4  # accumulated in fp32
-    window = 2 * s.n_kv_heads * max(s.window - 1, 0) * s.head_dim * dtype_bytes
+    window = 2 * s.n_kv_heads * (max(s.window - 1, 0) + s.sinks) * s.head_dim * dtype_bytes
     return recurrent + window
 
 

@@ -177,7 +177,8 @@ class LinearizeAttentionHandler(PassHandler):
                          "causal": lay.causal, "params_added": added})
             hedgehog = (config.feature_dim or lay.head_dim) if config.feature_map == "hedgehog" else 0
             shapes.append(AttentionShape(lay.n_heads, lay.n_kv_heads, lay.head_dim, feat,
-                                         config.window if lay.causal else 0, config.chunk_size, hedgehog))
+                                         config.window if lay.causal else 0, config.chunk_size, hedgehog,
+                                         config.sinks if lay.causal else 0))
         report = Report("LinearizeAttention",
                         ["site", "layer", "replaced", "heads", "head_dim", "features", "window", "gate", "causal",
                          "params_added"], rows, totals={"params_added": sum(r["params_added"] for r in rows)})

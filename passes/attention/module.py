@@ -3,8 +3,9 @@
 It keeps the original projection modules under their original names (``q_proj``…, ``c_attn``,
 ``query``…), so checkpoints and LoRA targets line up, and adds only the new parameters: the feature
 maps, the per-head window weight and the learned gate. Decoding keeps an O(1) state in transformers'
-own cache layer ``LinearAttentionAndSlidingWindowAttentionLayer``: the recurrent state through
-``update_recurrent_state`` and the last ``window - 1`` keys/values through the layer's sliding window.
+own cache layer ``LinearAttentionAndSlidingWindowAttentionLayer`` (:class:`SinkWindowLayer` adds the
+attention sinks): the recurrent state through ``update_recurrent_state``, the last ``window - 1``
+keys/values through the layer's sliding window and the sink tokens in fixed slots.
 
 Example:
     >>> import torch, transformers, surgeon
@@ -33,12 +34,15 @@ from transformers.cache_utils import (
 
 from surgeon.core.errors import ConfigError
 from surgeon.ops.feature_maps import make_feature_map
-from surgeon.ops.linear_attention import bidirectional_linear_attention, linear_attention, local_window_mask
+from surgeon.ops.linear_attention import (bidirectional_linear_attention, linear_attention, local_window_mask,
+                                          update_sinks)
 from surgeon.passes.attention.config import LinearizeAttention
 from surgeon.passes.attention.layout import AttentionLayout, position_qk, qk_heads
 from surgeon.passes.attention.masks import dense_mask
 
 GATE_NORMALIZER = 16.0  # GLA / Liger: log α = logsigmoid(g) / 16 keeps decays close to 1
+LINEAR_WEIGHT_SCALE = 10.0  # λ = exp(10·a): one optimizer step moves λ by ~10·lr in log space, so a λ that
+                            # starts near 0 (the hybrid = sinks + window) reaches useful values in tens of steps
 
 
 class LinearAttention(nn.Module):
@@ -53,6 +57,7 @@ class LinearAttention(nn.Module):
         self.layer_idx = layer_idx
         self.is_causal = causal
         self.window = config.window
+        self.sinks = config.sinks if causal else 0
         self.gate = config.gate
         self.local = config.local
         self.chunk_size = config.chunk_size
@@ -67,6 +72,10 @@ class LinearAttention(nn.Module):
         if config.window > 0:
             init = math.log(config.window_weight_init / (1 - config.window_weight_init))
             self.window_logit = nn.Parameter(torch.full((h,), init))
+        if config.window > 0 or self.sinks > 0:
+            # λ = exp(LINEAR_WEIGHT_SCALE · a): how much the linear branch counts beside the exact softmax terms
+            a = math.log(config.linear_weight_init) / LINEAR_WEIGHT_SCALE
+            self.linear_log_weight = nn.Parameter(torch.full((h,), a))
         if config.gate == "learned":
             hidden = self._input_features()
             self.gate_down = nn.Linear(hidden, config.gate_rank, bias=False)
@@ -82,7 +91,7 @@ class LinearAttention(nn.Module):
     def extra_repr(self) -> str:
         lay = self.layout
         return (f"replaces={self.original_class}, heads={lay.n_heads}, kv_heads={lay.n_kv_heads}, "
-                f"head_dim={lay.head_dim}, feature_map={self.feature_q.kind}, window={self.window}, "
+                f"head_dim={lay.head_dim}, feature_map={self.feature_q.kind}, window={self.window}, sinks={self.sinks}, "
                 f"gate={self.gate}, causal={self.is_causal}")
 
     # -- q, k, v -----------------------------------------------------------------------------
@@ -120,6 +129,9 @@ class LinearAttention(nn.Module):
 
     def window_weight(self) -> torch.Tensor | None:
         return torch.sigmoid(self.window_logit) if self.window > 0 else None
+
+    def linear_weight(self) -> torch.Tensor | None:
+        return (LINEAR_WEIGHT_SCALE * self.linear_log_weight).exp() if hasattr(self, "linear_log_weight") else None
 
     # -- attention transfer (distillation stage 1) ---------------------------------------------
     transfer: bool = False
@@ -173,7 +185,7 @@ class LinearAttention(nn.Module):
 
     def _causal(self, q, k, v, log_decay, mask, cache) -> torch.Tensor:
         w = self.window
-        past_k = past_v = state = None
+        past_k = past_v = state = sinks = None
         layer = None
         if cache is not None:
             if isinstance(cache, EncoderDecoderCache):
@@ -183,18 +195,24 @@ class LinearAttention(nn.Module):
                 past_k, past_v = layer.keys[..., -(w - 1):, :], layer.values[..., -(w - 1):, :]
             if layer.is_recurrent_states_initialized[0]:
                 state = layer.recurrent_states[0]
+            sinks = layer.sink_state
             cache.update(k, v, self.layer_idx)
         n_past = 0 if past_k is None else past_k.shape[-2]
+        key_mask = _key_mask(mask, n_past + q.shape[-2])
         out, new_state = linear_attention(
             q, k, v, self.feature_q, self.feature_k, scale=self.layout.scale, window=w,
-            window_weight=self.window_weight(), log_decay=log_decay,
-            key_mask=_key_mask(mask, n_past + q.shape[-2]), past_k=past_k, past_v=past_v, state=state,
+            window_weight=self.window_weight(), linear_weight=self.linear_weight(), log_decay=log_decay,
+            key_mask=key_mask, past_k=past_k, past_v=past_v, state=state, sinks=self.sinks, sink_state=sinks,
             form="recurrent" if q.shape[-2] == 1 else "chunked", chunk_size=self.chunk_size,  # one step: ~3x faster
         )
         if layer is not None:
-            cache.update_recurrent_state(new_state.detach() if not torch.is_grad_enabled() else new_state,
-                                         self.layer_idx)
+            keep = not torch.is_grad_enabled()
+            cache.update_recurrent_state(new_state.detach() if keep else new_state, self.layer_idx)
             layer.has_previous_state[0] = True
+            if self.sinks:
+                seen_k = k if past_k is None else torch.cat([past_k, k], -2)
+                seen_v = v if past_v is None else torch.cat([past_v, v], -2)
+                layer.sink_state = update_sinks(self.sinks, w, sinks, seen_k, seen_v, key_mask)
         return out
 
     def _bidirectional(self, q, k, v, mask) -> torch.Tensor:
@@ -229,8 +247,29 @@ def _bind(layout: AttentionLayout, args: tuple, kwargs: dict) -> dict[str, Any]:
     return call
 
 
-def _recurrent_layer(cache: Cache, idx: int, window: int) -> LinearAttentionAndSlidingWindowAttentionLayer:
-    """This layer's cache entry as transformers' linear + sliding-window layer (installed on first use)."""
+class SinkWindowLayer(LinearAttentionAndSlidingWindowAttentionLayer):
+    """transformers' linear + sliding-window cache layer plus the attention-sink slots of a hybrid layer.
+
+    ``sink_state`` is ``(keys, values, valid)`` with a fixed number of slots (None before any token
+    has left the window); beam search reorders it with the rest of the layer.
+    """
+
+    def __init__(self, sliding_window: int, number_of_states: int = 1, **kwargs: Any) -> None:
+        super().__init__(sliding_window=sliding_window, number_of_states=number_of_states, **kwargs)
+        self.sink_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.sink_state = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.sink_state is not None:
+            self.sink_state = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.sink_state)
+
+
+def _recurrent_layer(cache: Cache, idx: int, window: int) -> SinkWindowLayer:
+    """This layer's cache entry as a linear + sliding-window (+ sinks) layer (installed on first use)."""
     while len(cache.layers) <= idx:
         cache.layers.append(DynamicLayer())
     layer = cache.layers[idx]
@@ -239,8 +278,10 @@ def _recurrent_layer(cache: Cache, idx: int, window: int) -> LinearAttentionAndS
             raise ConfigError(f"cache layer {idx} already holds {layer.get_seq_length()} tokens of softmax keys/values; "
                               "start decoding from a fresh cache after linearizing the model")
         # sliding_window >= 2: transformers keeps the last sliding_window - 1 tokens (0 would mean all)
-        layer = LinearAttentionAndSlidingWindowAttentionLayer(sliding_window=max(window, 2))
+        layer = SinkWindowLayer(sliding_window=max(window, 2))
         cache.layers[idx] = layer
+    elif not hasattr(layer, "sink_state"):
+        layer.sink_state = None   # a plain transformers layer (e.g. built from config.layer_types)
     return layer
 
 

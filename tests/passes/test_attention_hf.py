@@ -130,11 +130,11 @@ def test_projections_keep_their_names_and_parameters():
         assert torch.equal(after[key], value), key  # every original tensor, same name, same value
     added = sorted(set(after) - set(before))
     assert added == ["model.layers.1.self_attn.feature_k.weight", "model.layers.1.self_attn.feature_q.weight",
-                     "model.layers.1.self_attn.window_logit"]
+                     "model.layers.1.self_attn.linear_log_weight", "model.layers.1.self_attn.window_logit"]
     assert type(s.model.model.layers[0].self_attn).__name__ == "LlamaAttention"  # layer 0 stays softmax
     rows = s.report["LinearizeAttention"].rows
     assert [r["layer"] for r in rows] == [1]
-    assert rows[0]["params_added"] == (6 + 2) * 8 * 8 + 6
+    assert rows[0]["params_added"] == (6 + 2) * 8 * 8 + 6 + 6   # feature maps, γ and λ per query head
 
 
 def test_bert_bidirectional_linear_and_local():
@@ -210,7 +210,7 @@ def test_save_restore_round_trip(tmp_path):
     s = surgeon.apply(tiny_llama(), LinearizeAttention(feature_map="hedgehog", window=8, gate="learned"))
     with torch.no_grad():  # move the new parameters away from their init so restore must load them
         for name, p in s.model.named_parameters():
-            if "feature_" in name or "gate_" in name or "window_logit" in name:
+            if "feature_" in name or "gate_" in name or "window_logit" in name or "linear_log_weight" in name:
                 p.add_(0.05 * torch.randn_like(p))
     surgeon.save(s, tmp_path / "lin")
     restored = surgeon.restore(tiny_llama(), tmp_path / "lin")

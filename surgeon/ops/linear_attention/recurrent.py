@@ -1,0 +1,51 @@
+"""The recurrent form: one token at a time (the decode path), O(1) state per step.
+
+Example:
+    >>> import torch
+    >>> from surgeon.ops.feature_maps import make_feature_map
+    >>> from surgeon.ops.linear_attention.inputs import prepare
+    >>> from surgeon.ops.linear_attention.reference import causal_parallel
+    >>> fm = make_feature_map("elu1", 2, 4)
+    >>> q = k = v = torch.randn(1, 2, 9, 4, dtype=torch.float64)
+    >>> x = prepare(q, k, v, fm, fm, scale=0.5, window=3, sinks=2)
+    >>> torch.allclose(causal_recurrent(x)[0], causal_parallel(x)[0])
+    True
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from surgeon.ops.linear_attention.common import (decay_state, empty_parts, finish, merge_parts, repeat_heads,
+                                                 sink_parts, softmax_parts, with_ones)
+from surgeon.ops.linear_attention.inputs import Inputs
+
+
+def causal_recurrent(x: Inputs) -> tuple[Tensor, Tensor]:
+    """Window softmax over the last w raw keys, sink terms, linear terms from the state; returns (out, state)."""
+    T = x.q.shape[2]
+    P, w, g = x.past, x.window, x.groups
+    k, v, fk = repeat_heads(x.k, g), repeat_heads(x.v, g), repeat_heads(x.fk, g)
+    vv = with_ones(v)
+    state = x.state.clone()
+    outs = []
+    for i in range(T):
+        t = P + i
+        if x.log_decay is not None:
+            state = decay_state(state, x.log_decay[:, :, i])
+        if w == 0:
+            state = state + fk[:, :, t, :, None] * vv[:, :, t, None, :]
+        lin = x.fq[:, :, i:i + 1] @ state                  # (B,H,1,Dv+1)
+        parts = empty_parts(x)
+        parts = tuple(p[:, :, i:i + 1] for p in parts)
+        if w > 0:
+            lo = max(t - w + 1, 0)
+            scores = x.scale * x.q[:, :, i:i + 1] @ k[:, :, lo:t + 1].transpose(-1, -2)
+            parts = softmax_parts(scores, x.valid[:, None, None, lo:t + 1], v[:, :, lo:t + 1])
+            if t - w + 1 >= 0:                            # the oldest window token leaves: fold it
+                state = state + fk[:, :, lo, :, None] * vv[:, :, lo, None, :]
+        sinks = sink_parts(x, slice(i, i + 1))
+        if sinks is not None:
+            parts = merge_parts(parts, sinks)
+        outs.append(finish(x, parts, lin, slice(i, i + 1)))
+    return torch.cat(outs, dim=2), state
