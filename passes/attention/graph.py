@@ -111,9 +111,25 @@ SDPA_SIGNATURES: dict[str, tuple[str, ...]] = {
 _KEYWORD_ALIASES = {"attn_bias": "attn_mask"}
 
 
+SHAPE_ONLY_CALLS = {"ones_like", "zeros_like", "full_like", "empty_like", "new_ones", "new_zeros", "new_full",
+                    "new_empty", "size", "dim", "numel", "sym_size", "sym_numel"}
+SHAPE_ATTRS = ("shape", "dtype", "device", "ndim")
+
+
+def reads_only_shape(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` reads only the size, dtype or device of ``node`` (``torch.ones_like(scores)``, ``x.size(1)``…)."""
+    if user.op not in ("call_function", "call_method") or not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_function" and user.target is getattr:
+        return len(user.args) > 1 and user.args[1] in SHAPE_ATTRS
+    if any(a is node for a in list(user.args[1:]) + list(user.kwargs.values())):
+        return False
+    return graph_patterns.target_name(user) in SHAPE_ONLY_CALLS
+
+
 def real_users(node: fx.Node) -> list[fx.Node]:
-    """Users of ``node`` other than export's tensor assertions."""
-    return [u for u in node.users if not is_call(u, ASSERTS)]
+    """Users of ``node`` that read its values: not export's tensor assertions, not shape-only readers."""
+    return [u for u in node.users if not is_call(u, ASSERTS) and not reads_only_shape(u, node)]
 
 
 def is_sdpa(node: Any) -> bool:

@@ -164,6 +164,9 @@ class FxLinearAttention(SurgeonUnit):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *masks: Tensor, scale: Any = None) -> Tensor:
         from surgeon.ops.linear_attention import bidirectional_linear_attention, linear_attention
 
+        if isinstance(q, torch.fx.Proxy):  # the rewritten graph traced again (symbolic_trace): one opaque call
+            tracer = q.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (q, k, v, *masks), {"scale": scale})
         if len(masks) != len(self.mask_kinds):
             raise ConfigError(f"{type(self).__name__} was built for {len(self.mask_kinds)} mask(s), got {len(masks)}")
         if q.dim() != self.ndim:
