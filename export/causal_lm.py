@@ -48,11 +48,15 @@ from surgeon.export.stateful_lm import PAST, DecodeLM, PrefillLM, StateLayout
 CHUNK = 64
 
 
-def _config_fingerprint(model: nn.Module) -> dict[str, Any]:
+def config_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The config fields an export records to recognise its model (``exporter.model_config``)."""
     config = getattr(model, "config", None)
     keep = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings")
     return {k: getattr(config, k) for k in keep if isinstance(getattr(config, k, None), (int, str))}
+
+
+_config_fingerprint = config_fingerprint
 
 
 def _check_overwrite(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
@@ -124,25 +128,29 @@ def _export_graph(module: nn.Module, args: tuple, in_names: list[str], out_names
 def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, chunks: int = 3,
                      chunk: int = CHUNK, opset: int | None = None, overwrite: bool = False,
                      recipe: dict | None = None, ort_optimize: Any = False,
-                     save_optimized: bool | str = False) -> ExportResult:
+                     save_optimized: bool | str = False,
+                     softmax_only: bool = False) -> ExportResult:
     """Write ``prefill.onnx``, ``decode.onnx`` and ``manifest.json`` for a linearized causal LM.
 
     The example used for export is ``batch`` × ``chunks·chunk`` tokens (never reused by verify).
     ``ort_optimize`` / ``save_optimized``: as in :func:`surgeon.export.to_onnx` (onnxruntime levels
-    checked against the model and recorded before the files are moved into place).
+    checked against the model and recorded before the files are moved into place). ``softmax_only``:
+    export a model with no linearized layer (the original, every layer a KV cache) the same way, so
+    benchmarks compare both models in one runtime.
     """
     from surgeon.export.onnx_export import ort_optimize_kwargs
 
     t0 = time.perf_counter()
     ort_kwargs = ort_optimize_kwargs(ort_optimize, save_optimized)
     out_dir = Path(out_dir)
-    layout = StateLayout.of(model)
+    wrap = {"softmax_only": True} if softmax_only else {}
+    layout = StateLayout.of(model, **wrap)
     config = _config_fingerprint(model)
     _check_overwrite(out_dir, config, overwrite)
     dest = _prepare_destination(out_dir)
     try:
         with model_eval_mode(model):
-            graphs = _export_both(model, layout, dest.staging, batch, chunks, chunk, opset)
+            graphs = _export_both(model, layout, dest.staging, batch, chunks, chunk, opset, wrap)
         state = [{"name": s.name, "layer": s.layer, "kind": s.kind, "shape": ["batch", *s.shape],
                   "dtype": dtype_name(s.dtype)} for s in layout.specs]
         manifest = Manifest(graphs=graphs, versions=versions(), recipe=recipe, exporter={
@@ -170,7 +178,7 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
 
 
 def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: int, chunks: int, chunk: int,
-                 opset: int | None) -> dict[str, GraphSpec]:
+                 opset: int | None, wrap: dict | None = None) -> dict[str, GraphSpec]:
     vocab = getattr(model.config, "vocab_size", 2)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, chunks * chunk), generator=gen)
@@ -187,17 +195,17 @@ def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: in
     past = torch.export.Dim("past", min=2, max=2**20)
     seq = {0: b, 1: chunk * n_chunks}
     prefill = _export_graph(
-        PrefillLM(model), (ids, mask), ["input_ids", "attention_mask"], outs, (seq, seq),
+        PrefillLM(model, **(wrap or {})), (ids, mask), ["input_ids", "attention_mask"], outs, (seq, seq),
         [{0: "batch", 1: "sequence"}] * 2, [{0: "batch", 1: "sequence"}] + state_dims("past_out"),
         staging / "prefill.onnx", opset)
     with torch.no_grad():
-        state = list(PrefillLM(model)(ids, mask)[1:])
+        state = list(PrefillLM(model, **(wrap or {}))(ids, mask)[1:])
     step_ids = torch.randint(0, vocab, (batch, 1), generator=gen)
     positions = mask.sum(-1, keepdim=True)
     in_names = ["input_ids", "position_ids"] + [n.replace("state.", "state_in.") for n in names]
     state_shapes = tuple({0: b, **({s.shape.index(PAST) + 1: past} if s.grows else {})} for s in layout.specs)
     decode = _export_graph(
-        DecodeLM(model), (step_ids, positions, *state), in_names, outs,
+        DecodeLM(model, **(wrap or {})), (step_ids, positions, *state), in_names, outs,
         ({0: b}, {0: b}, state_shapes), [{0: "batch"}, {0: "batch"}] + state_dims("past"),
         [{0: "batch"}] + state_dims("past_out"), staging / "decode.onnx", opset)
     return {"prefill": prefill, "decode": decode}

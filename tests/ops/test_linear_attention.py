@@ -2,6 +2,8 @@
 brute-force reference written from the formulas, and across cache splits (decode equals prefill)."""
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -151,7 +153,8 @@ def run_in_segments(case: dict, window: int, segments: list[tuple[int, str]]) ->
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("window", WINDOWS)
 def test_three_forms_agree_float64(kind: str, gate: str | None, window: int) -> None:
-    case = make_case(hash((kind, gate, window)) % 1000, kind=kind, gate=gate, Hkv=2 if window % 2 else 3)
+    case = make_case(zlib.crc32(f"{kind}/{gate}/{window}".encode()) % 1000, kind=kind, gate=gate,
+                     Hkv=2 if window % 2 else 3)   # a seed fixed across processes (hash() of str is not)
     ref_out, ref_state = run(case, window=window, form="parallel")
     for form, chunk in (("chunked", 8), ("chunked", 40), ("recurrent", 0)):
         out, state = run(case, window=window, form=form, chunk_size=chunk or 64)
