@@ -13,11 +13,8 @@ import importlib.metadata
 import inspect
 import io
 import logging
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,7 +27,12 @@ from torch import Tensor, nn
 
 from surgeon.core.modules import eval_mode as model_eval_mode  # noqa: F401 (export modules use this name)
 from surgeon.core.errors import ExportError
-from surgeon.export.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec
+from surgeon.export.runtime import onnx_dims as _onnx_dims, onnx_dtype as _onnx_dtype  # noqa: F401
+from surgeon.export.destination import Destination as _Destination  # noqa: F401 (old private names, kept for
+from surgeon.export.destination import commit as _commit  # noqa: F401   modules not yet moved to
+from surgeon.export.destination import prepare as _prepare_destination  # noqa: F401   export.destination)
+from surgeon.export.destination import rollback as _rollback  # noqa: F401
+from surgeon.export.manifest import GraphSpec, Manifest, TensorSpec
 
 __all__ = ["ExportResult", "to_onnx", "flatten_outputs", "model_eval_mode", "quiet_exporter"]
 
@@ -146,87 +148,6 @@ class ExportResult:
 
 # ----------------------------------------------------------------------------- destination
 
-@dataclass
-class _Destination:
-    final_dir: Path          # folder the files end up in
-    onnx_name: str
-    manifest_name: str
-    dir_mode: bool           # True: `path` is a folder we own (model.onnx + manifest.json)
-    staging: Path            # temp folder inside final_dir's parent (or final_dir for file mode)
-    created: list[Path]      # folders we made, deepest last (removed again on failure)
-
-
-def _first_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _unwritable(path: Path, why: str) -> ExportError:
-    return ExportError(
-        f"cannot write the ONNX export to {path}: {why}. Nothing was exported. Pass a folder "
-        "(or a path ending in .onnx) inside a directory you can write to.")
-
-
-def _prepare_destination(path: Path) -> _Destination:
-    """Check the destination and create the staging folder, before any expensive work."""
-    dir_mode = path.suffix.lower() != ".onnx"
-    if dir_mode:
-        final_dir, onnx_name, manifest_name = path, "model.onnx", MANIFEST_NAME
-        if path.exists() and not path.is_dir():
-            raise _unwritable(path, "it exists and is a file, not a folder")
-        staging_parent = path.parent
-    else:
-        final_dir, onnx_name = path.parent, path.name
-        manifest_name = f"{path.stem}.manifest.json"
-        if path.is_dir():
-            raise _unwritable(path, "it exists and is a folder, not a file")
-        staging_parent = final_dir
-    existing = _first_existing(staging_parent)
-    if not existing.is_dir():
-        raise _unwritable(path, f"{existing} is a regular file, not a folder; remove it or "
-                                "choose another path")
-    created: list[Path] = []
-    try:
-        missing = []
-        p = staging_parent
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing):
-            d.mkdir()
-            created.append(d)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=staging_parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; it may become the export folder
-    except OSError as e:
-        for d in reversed(created):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise _unwritable(path, f"{e.strerror or e} ({e.filename or staging_parent})") from e
-    return _Destination(final_dir, onnx_name, manifest_name, dir_mode, staging, created)
-
-
-def _commit(dest: _Destination, files: list[str]) -> None:
-    """Move the staged files into place (a fresh folder is renamed in one step)."""
-    if dest.dir_mode and not dest.final_dir.exists():
-        os.replace(dest.staging, dest.final_dir)
-        return
-    dest.final_dir.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        os.replace(dest.staging / name, dest.final_dir / name)
-    shutil.rmtree(dest.staging, ignore_errors=True)
-
-
-def _rollback(dest: _Destination) -> None:
-    shutil.rmtree(dest.staging, ignore_errors=True)
-    for d in reversed(dest.created):
-        with contextlib.suppress(OSError):
-            d.rmdir()
-
-
 # ----------------------------------------------------------------------------- arguments
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -316,28 +237,6 @@ def _tile_size_one_dims(
 
 
 # ----------------------------------------------------------------------------- graph reading
-
-def _onnx_dims(value_info: Any) -> list[int | str | None]:
-    dims: list[int | str | None] = []
-    for d in value_info.type.tensor_type.shape.dim:
-        if d.HasField("dim_param") and d.dim_param:
-            dims.append(d.dim_param)
-        elif d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        else:
-            dims.append(None)
-    return dims
-
-
-def _onnx_dtype(value_info: Any) -> str:
-    import onnx
-
-    elem = value_info.type.tensor_type.elem_type
-    try:
-        return onnx.helper.tensor_dtype_to_np_dtype(elem).name
-    except Exception:  # e.g. a dtype numpy lacks
-        return onnx.TensorProto.DataType.Name(elem).lower()
-
 
 def _shorten(text: str, max_lines: int = 14, max_chars: int = 1400) -> str:
     skip = ("For more information", "TORCHDYNAMO_EXTENDED", "docs.google.com", "For C++ stack",

@@ -17,7 +17,7 @@ from typing import Any
 from surgeon.core.errors import ConfigError, ExportError
 from surgeon.export.manifest import ORT_LEVELS
 
-__all__ = ["LEVELS", "parse_level", "levels", "session_options", "make_session"]
+__all__ = ["LEVELS", "parse_level", "levels", "session_options", "make_session", "onnx_dims", "onnx_dtype"]
 
 _ORT_NAMES = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
               "extended": "ORT_ENABLE_EXTENDED", "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
@@ -130,3 +130,27 @@ def levels(levels: Sequence[Any] | str | bool | None) -> list[str]:
         if not chosen:
             raise ConfigError(f"levels is empty; use some of {list(LEVELS)}")
     return sorted(set(chosen), key=ORT_LEVELS.index)
+
+
+def onnx_dims(value_info: Any) -> list[int | str | None]:
+    """The dims of an ONNX graph input / output: ints, symbolic names, or None when unknown."""
+    dims: list[int | str | None] = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        elif d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(None)
+    return dims
+
+
+def onnx_dtype(value_info: Any) -> str:
+    """The numpy dtype name of an ONNX graph input / output (``float32``)."""
+    import onnx
+
+    elem = value_info.type.tensor_type.elem_type
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem).name
+    except Exception:  # e.g. a dtype numpy lacks
+        return onnx.TensorProto.DataType.Name(elem).lower()

@@ -315,7 +315,7 @@ def _train_loop(lin, geo, xt, yt, xv, yv, config, name, opt, params, g, var_y, b
 # replay: rebuild the recorded structure without data
 
 
-def _build_recorded(site: Site, config: LinearizerSandwich) -> nn.Module:
+def build_recorded(site: Site, config: LinearizerSandwich) -> nn.Module:
     d = site.data
     if d["decision"] == "linear" and d.get("conv") is None:
         return nn.Linear(d["in"], d["out"])

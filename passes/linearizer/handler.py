@@ -43,7 +43,7 @@ from surgeon.fx.tracing import finish_graph, trace
 from surgeon.ops.linearizer import Linearizer
 from surgeon.passes.linearizer.config import Calibration, LinearizerSandwich
 from surgeon.passes.linearizer.exact import exact_linearizer, exact_pairs, module_exact_pattern
-from surgeon.passes.linearizer.fit import FitResult, _build_recorded, fit_site, r2_score, record_io, ridge_solve
+from surgeon.passes.linearizer.fit import FitResult, build_recorded, fit_site, r2_score, record_io, ridge_solve
 
 @register_pass(LinearizerSandwich)
 class LinearizerSandwichHandler(PassHandler):
@@ -127,7 +127,7 @@ class LinearizerSandwichHandler(PassHandler):
         if s.data.get("decision") == "exact":
             module = get_submodule(model, s.name)
             return exact_linearizer(get_submodule(module, s.data["layer"]), s.data["act"], s.data["act_params"], module)
-        return _build_recorded(s, config)
+        return build_recorded(s, config)
 
     def rewrite(self, model: nn.Module, config: LinearizerSandwich, plan: Plan, ctx: PassContext) -> nn.Module:
         built = plan.state["built"]
