@@ -139,6 +139,7 @@ def rewrite_fx_attention(model: nn.Module, config: LinearizeAttention, plan: Pla
     units = [build_unit(site, config) for site in plan.sites]  # a failure here changes nothing
     for site, unit in zip(plan.sites, units):
         rewrite_site(gm, matches[site.name], site, unit)
+    gm.graph.eliminate_dead_code(is_impure_node=impure)  # nothing of the replaced softmax attention is left
     finish_graph(gm)
     if ctx.example_inputs is not None:
         propagate(gm, concrete_inputs(ctx.example_inputs))
@@ -158,6 +159,11 @@ def report_fx_attention(model: nn.Module, config: LinearizeAttention, plan: Plan
             "params_added": sum(p.numel() for p in unit.parameters()),
         })
     notes = []
+    if plan.state.get("captured"):
+        notes.append(plan.state["captured"])
+    if plan.state.get("left"):
+        notes.append("softmax / attention calls left as they are (LinearizeAttention(strict=True) makes this an "
+                     "error):\n  " + "\n  ".join(plan.state["left"]))
     if any(site.data["dropout"] for site in plan.sites):
         notes.append("attention-weight dropout has no counterpart in linear attention and was dropped")
     return Report("LinearizeAttention", ["site", "replaced", "heads", "head_dim", "features", "window", "causal",

@@ -208,7 +208,7 @@ def find_attention(gm: fx.GraphModule, skipped: list[str] | None = None) -> list
             match = _match_sdpa(node) or _match_softmax(node, gm)
         except Reject as e:
             if skipped is not None:
-                skipped.append(str(e))
+                skipped.append(f"{node.name}: {e}")
             continue
         if match is not None:
             _unrepeat(match)
@@ -222,3 +222,9 @@ def find_attention(gm: fx.GraphModule, skipped: list[str] | None = None) -> list
 def impure(n: fx.Node) -> bool:
     """Side effects that keep an unused node (ATen SDPA and dropout count as impure: random when training)."""
     return n.is_impure() and not (ag.is_sdpa(n) or graph_patterns.is_op(n, "dropout"))
+
+
+def attention_like_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Every softmax and scaled-dot-product-attention call of the graph (matched or not), in graph order."""
+    return [n for n in gm.graph.nodes if _softmax_input(n, gm) is not None
+            or (n.op == "call_function" and ag.is_sdpa(n))]

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgeon.fx import patterns as graph_patterns
-from surgeon.core.errors import ConfigError, PlanError
+from surgeon.core.errors import ConfigError, PlanError, TraceError
 from surgeon.fx.tracing import free_attr_name, node_shape
 from surgeon.core.handler import PassContext, match_recorded
 from surgeon.passes.attention import graph as ag
@@ -20,12 +20,13 @@ from surgeon.passes.attention.config import LinearizeAttention
 from surgeon.core.selectors import select_sites
 from surgeon.core.sites import Plan, Site
 from surgeon.passes.attention.fx_scores import AttentionMatch, fx_is
-from surgeon.passes.attention.fx_match import find_attention
+from surgeon.passes.attention.fx_match import attention_like_nodes, find_attention
 from surgeon.passes.attention.fx_trace import (
     allowed_keys,
     capture,
     concrete_inputs,
     data_dependent,
+    export_for_attention,
     fx_pattern,
     propagate,
     state_placeholders,
@@ -266,7 +267,16 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
         raise ConfigError(f"LinearizeAttention on hand-written attention ({type(model).__name__} is rewritten as a "
                           "traced graph) needs example_inputs to read the head count, head size and masks: "
                           "surgeon.apply(model, LinearizeAttention(...), example_inputs=(x,))")
-    gm = trace_for_attention(model, config.leaf_modules)
+    captured = None
+    try:
+        gm = trace_for_attention(model, config.leaf_modules)
+    except TraceError as e:
+        try:
+            gm = export_for_attention(model, concrete_inputs(inputs))
+        except Exception as export_error:
+            raise TraceError(f"{e}\n(torch.export could not capture it either: {type(export_error).__name__}: "
+                             f"{str(export_error).splitlines()[0][:200]})") from e
+        captured = f"symbolic_trace failed ({str(e).splitlines()[0][:160]}): captured with torch.export instead"
     inputs = concrete_inputs(inputs)
     propagate(gm, inputs)
     skipped: list[str] = []
@@ -323,8 +333,31 @@ def plan_fx_attention(model: nn.Module, config: LinearizeAttention, ctx: PassCon
         _check_site(site.name, {**recorded, **data}, config)
         site.data = {**recorded, **data}
     _assign_unit_paths(gm, sites)
+    left = left_as_is(gm, [by_name[s.name].anchor for s in sites], skipped, [m.anchor for m in matches])
+    if left and getattr(config, "strict", False):
+        raise PlanError("LinearizeAttention(strict=True): softmax / attention calls would stay softmax:\n  "
+                        + "\n  ".join(left) + "\nrewrite them by hand, or select them, or drop strict=True")
     return Plan(sites, {"gm": gm, "matches": {s.name: by_name[s.name] for s in sites}, "bases": bases,
-                        "skipped": skipped})
+                        "skipped": skipped, "left": left, "captured": captured})
+
+
+def left_as_is(gm: fx.GraphModule, rewritten: list[fx.Node], rejected: list[str], matched: list[fx.Node]
+               ) -> list[str]:
+    """``node (scope): reason`` for every softmax / SDPA call the plan leaves in the graph."""
+    reasons = dict(r.split(": ", 1) for r in rejected if ": " in r)
+    left = []
+    for node in attention_like_nodes(gm):
+        if node in rewritten:
+            continue
+        if node.name in reasons:
+            why = reasons[node.name]
+        elif node in matched:
+            why = "not selected (layers / targets / exclude / filter_fn)"
+        else:
+            why = "not of the form softmax(q @ kᵀ · s + mask) @ v over the last dim, nor an SDPA call"
+        scope = graph_patterns.module_scope(node, gm)
+        left.append(f"{node.name}{f' ({scope})' if scope else ''}: {why}")
+    return left
 
 
 def _resolve(model: nn.Module, site: Site) -> nn.Module | None:

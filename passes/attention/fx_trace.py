@@ -175,3 +175,12 @@ def fx_pattern(allowed: torch.Tensor) -> str:
     return "other"
 
 
+def export_for_attention(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """``torch.export`` capture (every tensor dim dynamic) for code ``symbolic_trace`` cannot follow,
+    e.g. ``torch.ones(t, t)`` with a traced size; the matcher reads its ATen graph like any other."""
+    from torch.export import Dim, export
+
+    shapes = tuple({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None
+                   for v in example_inputs)
+    with torch.no_grad():
+        return export(model, tuple(example_inputs), dynamic_shapes=shapes, strict=False).module()
