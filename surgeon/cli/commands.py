@@ -23,10 +23,9 @@ import torch.nn as nn
 import surgeon
 import surgeon.export
 from surgeon.core.errors import ConfigError, SurgeonError
-from surgeon.models.registry import BUILTIN, resolve
+from surgeon.models.registry import BUILTIN, load_surgery, resolve
 from surgeon.core.handler import config_class
 from surgeon.core.persist import REPORT_FILE, load_recipe
-from surgeon.core.recipe import placeholder_inputs
 from surgeon.core.report import ReportGroup
 
 
@@ -56,17 +55,6 @@ def _example_inputs(model_name: str, shape: tuple[int, ...] | None) -> tuple[tor
     if shape is not None:
         return (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
     return spec.example_inputs() if spec.example_inputs else None
-
-
-def load_surgery(directory: str | Path) -> tuple[nn.Module, tuple[torch.Tensor, ...] | None]:
-    """Rebuild a saved surgery whose recipe names its base model (``recipe.source``)."""
-    recipe = load_recipe(directory)
-    name = (recipe.source or {}).get("model")
-    if not name:
-        raise ConfigError(f"{directory}/recipe.json does not say which base model it was made on; "
-                          f"restore it in Python with surgeon.restore(base_model, {str(directory)!r})")
-    model = surgeon.restore(resolve(name).build(), directory).eval()
-    return model, placeholder_inputs(recipe.example_inputs)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from surgeon.core.errors import ConfigError
+from surgeon.core.persist import load_recipe, restore
+from surgeon.core.recipe import placeholder_inputs
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,14 @@ def resolve(name: str) -> ModelSpec:
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"cannot import model factory {name!r}: {e}") from e
     return ModelSpec(name, factory, None, None, f"factory {name}")
+
+
+def load_surgery(directory: str | Path) -> tuple[nn.Module, tuple[torch.Tensor, ...] | None]:
+    """Rebuild a saved surgery whose recipe names its base model (``recipe.source``), with example inputs."""
+    recipe = load_recipe(directory)
+    name = (recipe.source or {}).get("model")
+    if not name:
+        raise ConfigError(f"{directory}/recipe.json does not say which base model it was made on; "
+                          f"restore it in Python with surgeon.restore(base_model, {str(directory)!r})")
+    model = restore(resolve(name).build(), directory).eval()
+    return model, placeholder_inputs(recipe.example_inputs)
