@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -78,23 +78,37 @@ def node_macs(node: fx.Node, gm: fx.GraphModule) -> int:
     return 0
 
 
-def graph_costs(gm: fx.GraphModule, batch: int) -> ModelCosts:
-    """Costs of a shape-propagated graph, per example."""
-    macs = relus = sites = masked = 0
+def activation_sites(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, list[int], nn.Module | None]]:
+    """``(node, shape, unit)`` for every shape-propagated activation site: a surgeon unit (masked ReLU,
+    polynomial) or a plain ReLU-family call (``unit`` None)."""
     for node in gm.graph.nodes:
-        macs += node_macs(node, gm)
         shape = node_shape(node)
         if shape is None:
             continue
         unit = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if isinstance(unit, (MaskedReLU, BinaryMaskedReLU)):
+        if isinstance(unit, (MaskedReLU, BinaryMaskedReLU)) or hasattr(unit, "poly_count"):
+            yield node, shape, unit
+        elif relu_kind(node, gm) is not None:
+            yield node, shape, None
+
+
+def graph_macs(gm: fx.GraphModule) -> int:
+    """Multiply-accumulates of a shape-propagated graph (whole batch)."""
+    return sum(node_macs(node, gm) for node in gm.graph.nodes)
+
+
+def graph_costs(gm: fx.GraphModule, batch: int) -> ModelCosts:
+    """Costs of a shape-propagated graph, per example."""
+    relus = sites = masked = 0
+    for _, shape, unit in activation_sites(gm):
+        if unit is None:
+            sites += 1
+            relus += math.prod(shape[1:])
+        elif isinstance(unit, (MaskedReLU, BinaryMaskedReLU)):
             sites += 1
             masked += 1
             relus += unit.relu_count(shape)
-        elif relu_kind(node, gm) is not None:
-            sites += 1
-            relus += math.prod(shape[1:])
-    return ModelCosts(count_params(gm), _per_example(macs, batch), relus, sites, masked)
+    return ModelCosts(count_params(gm), _per_example(graph_macs(gm), batch), relus, sites, masked)
 
 
 def measure(model: nn.Module, example_inputs: Sequence[Any] | None) -> ModelCosts:

@@ -37,10 +37,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from surgeon.costs.macs import node_macs
+from surgeon.costs.macs import activation_sites, graph_macs
 from surgeon.core.errors import ConfigError
-from surgeon.fx.tracing import node_shape, propagate_shapes, trace
-from surgeon.ops.activation import BinaryMaskedReLU, MaskedReLU, relu_kind
+from surgeon.fx.tracing import propagate_shapes, trace
+
 from surgeon.core.report import Report
 
 
@@ -90,22 +90,15 @@ def private_costs(model: nn.Module, example_inputs: Any, protocol: str | Protoco
     propagate_shapes(gm, inputs)
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
     rows = []
-    macs = 0
-    for node in gm.graph.nodes:
-        macs += node_macs(node, gm)
-        shape = node_shape(node)
-        if shape is None:
-            continue
-        unit = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    macs = graph_macs(gm)
+    for node, shape, unit in activation_sites(gm):
         per_example = math.prod(shape[1:])
-        if isinstance(unit, (MaskedReLU, BinaryMaskedReLU)) or hasattr(unit, "poly_count"):
+        if unit is not None:
             relus = unit.relu_count(shape) if hasattr(unit, "relu_count") else 0
             poly = unit.poly_count(shape) if hasattr(unit, "poly_count") else 0
             name = getattr(unit, "site_name", node.name)
-        elif relu_kind(node, gm) is not None:
-            relus, poly, name = per_example, 0, node.name
         else:
-            continue
+            relus, poly, name = per_example, 0, node.name
         rows.append({"site": name, "elements": per_example, "relus": relus, "poly": poly,
                      "density": relus / per_example if per_example else 0.0})
     macs //= max(batch, 1)
