@@ -124,9 +124,8 @@ def test_weight_edited_by_1e_3_relative_fails(export):
 def test_changed_constant_fails(export, tmp_path):
     model, out = export
     proto = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    scale = next(n for n, v, op in faults.scalar_constants(proto) if op == "Mul" and abs(v - head_dim ** -0.5) < 1e-6)
-    report = _verify(faults.change_constant(out, tmp_path / "const", scale, 1.01), model)
+    square = next(n for n, v, op in faults.scalar_constants(proto) if op == "Pow" and v == 2.0)   # RMSNorm's x²
+    report = _verify(faults.change_constant(out, tmp_path / "const", square, 1.01), model)
     assert not report.passed and report.weight_mismatches == {}
     assert report.first_failure.startswith(("logits", "state."))
 

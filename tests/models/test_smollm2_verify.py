@@ -1,8 +1,8 @@
 """SmolLM2-135M (real weights): the default verification passes a correct export at 37 / 200 / 512 /
 2,048 tokens and fails each injected fault (slow: each export takes minutes on 2 cores).
 
-Faults as in ``tests/export/test_verify_criterion.py``: a weight edited by 1e-3 relative, the attention
-score scale changed by 1 %, layer 15's recurrent-state update dropped in decode.onnx, decode positions
+Faults as in ``tests/export/test_verify_criterion.py``: a weight edited by 1e-3 relative, RMSNorm's
+exponent 2 changed by 1 %, layer 15's recurrent-state update dropped in decode.onnx, decode positions
 offset by one. Run both for the linearized model and for a linearized + distilled one (a few steps of
 attention transfer on CPython's docs).
 """
@@ -77,8 +77,8 @@ def test_weight_edited_by_1e_3_relative_fails(export):
 def test_changed_constant_fails(export, tmp_path):
     model, out = export
     proto = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
-    scale = next(n for n, v, op in faults.scalar_constants(proto) if op == "Mul" and abs(v - 64 ** -0.5) < 1e-7)
-    report = _verify(faults.change_constant(out, tmp_path / "const", scale, 1.01), model)
+    square = next(n for n, v, op in faults.scalar_constants(proto) if op == "Pow" and v == 2.0)   # RMSNorm's x²
+    report = _verify(faults.change_constant(out, tmp_path / "const", square, 1.01), model)
     assert not report.passed and report.weight_mismatches == {}
 
 
