@@ -1,129 +1,282 @@
-"""Distillation of SmolLM2-135M-Instruct with all 30 attention layers linearized (hedgehog + window 64).
+"""Fidelity of a linearized SmolLM2-135M-Instruct: the converted model against the original and against the
+zero-training constant-memory baselines (sliding window, attention sinks + window), at equal decode state.
 
-Measures held-out perplexity (1024-token windows of the held-out pydoc topics) of the teacher, of the
-student before distillation, after stage 1 (attention transfer) and after stage 2 (LoRA + KD), with
-the tokens and wall time of each stage and the recall probes (MQAR, needle at several depths) of the
-teacher and of the student before / after. Writes JSON (+ loss curves) and prints a table.
+Every row gives its decode-state bytes (fp32, batch 1, all 30 layers). Baselines are the *original* model
+with a 4-D attention mask (no training, no surgeon code): ``window`` = the last w tokens only,
+``sinks + window`` = StreamingLLM's 4 first tokens + the last w. The converted model is
+``LinearizeAttention(window, sinks, hedgehog feature_dim)`` trained with ``surgeon.distill``:
+stage 1 attention transfer (each layer until its held-out MSE plateaus, on sequences as long as the
+evaluation context), stage 2 LoRA + KD at every position on teacher-generated chat answers mixed with
+prose. Evaluation: perplexity ratio at several contexts, teacher-forced top-1 agreement and KL at 1024,
+greedy agreement on held-out prompts longer than the window, top-1 agreement on prompts shorter than
+the window (where the converted model before stage 2 *is* the original), needle retrieval beyond the
+window at the depths where the teacher succeeds. Writes JSON + a PNG (ratio vs training tokens and
+minutes; Pareto table of ratio vs state bytes).
 
-    python benchmarks/distill_smollm2.py --minutes 12            # a short run (shared 2-core CPU)
-    python benchmarks/distill_smollm2.py --minutes 120 --seq-len 512   # the issue's full budget
-
-``--minutes`` is the budget for both training stages together (split by ``--stage1-share``);
-evaluation comes on top of it.
+    python benchmarks/distill_smollm2.py --quick      # ≤ 25 min on a 2-core CPU
+    python benchmarks/distill_smollm2.py              # full (≤ 2 h)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import surgeon
-from surgeon.distill.evaluate import evaluate
-from surgeon.models.smollm2 import load_smollm2
-from surgeon.passes import LinearizeAttention
 from surgeon.core.report import format_table
+from surgeon.distill.data import chat_prompts, chat_texts, pack, pydoc_texts
+from surgeon.distill.evaluate import exact_continuation, held_out_windows, make_niah_trials
+from surgeon.export.stateful_lm import StateLayout
+from surgeon.models.smollm2 import cache_dir, load_smollm2
+from surgeon.passes import LinearizeAttention
+
+PRESETS = {
+    "quick": dict(stage1_minutes=7.0, stage2_minutes=6.0, stage1_seq=1024, stage2_seq=512, transfer_packs=20,
+                  transfer_steps=300, lora_steps=400, chat=6, chat_tokens=160, eval_windows=2,
+                  contexts=(256, 512, 1024, 2048), baseline_windows=(64, 128, 256), greedy_prompts=20,
+                  greedy_new=12, short_prompts=40, niah_trials=1),
+    "full": dict(stage1_minutes=40.0, stage2_minutes=45.0, stage1_seq=2048, stage2_seq=1024, transfer_packs=24,
+                 transfer_steps=2000, lora_steps=4000, chat=24, chat_tokens=256, eval_windows=4,
+                 contexts=(256, 512, 1024, 2048), baseline_windows=(64, 128, 256), greedy_prompts=24,
+                 greedy_new=16, short_prompts=64, niah_trials=2),
+}
+SINKS = 4
+
+
+def kv_bytes(tokens: int, layers: int = 30, kv_heads: int = 3, head_dim: int = 64) -> int:
+    """fp32 K + V of ``tokens`` tokens in every layer (the softmax / baseline decode state)."""
+    return 2 * layers * kv_heads * head_dim * tokens * 4
+
+
+@torch.no_grad()
+def nll(model, windows: torch.Tensor, mask_fn=None) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for row in windows:
+        ids = row[None]
+        kw = {"attention_mask": mask_fn(ids.shape[1])} if mask_fn else {}
+        logits = model(input_ids=ids, use_cache=False, **kw).logits[0, :-1].float()
+        total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return total, count
+
+
+def streaming_mask(window: int, sinks: int):
+    """A float (1, 1, T, T) mask: each query sees its last ``window`` tokens and the first ``sinks``."""
+    def make(T: int) -> torch.Tensor:
+        t = torch.arange(T)[:, None]
+        j = torch.arange(T)[None, :]
+        allowed = (j <= t) & ((t - j < window) | (j < sinks))
+        return torch.zeros(1, 1, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return make
+
+
+@torch.no_grad()
+def agreement(student, teacher, windows: torch.Tensor) -> dict[str, float]:
+    """Teacher-forced top-1 agreement and mean KL(teacher ‖ student) per token."""
+    agree, kl, count = 0, 0.0, 0
+    for row in windows:
+        ids = row[None]
+        s = student(input_ids=ids, use_cache=False).logits[0].float()
+        t = teacher(input_ids=ids, use_cache=False).logits[0].float()
+        agree += int((s.argmax(-1) == t.argmax(-1)).sum())
+        lt, ls = F.log_softmax(t, -1), F.log_softmax(s, -1)
+        kl += float((lt.exp() * (lt - ls)).sum())
+        count += ids.shape[1]
+    return {"top1": agree / count, "kl": kl / count}
+
+
+@torch.no_grad()
+def greedy_agreement(student, teacher, prompts: list[torch.Tensor], new: int) -> float:
+    same = total = 0
+    for ids in prompts:
+        outs = []
+        for m in (student, teacher):
+            g = m.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=0)
+            outs.append(g[0, ids.shape[0]:])
+        same += int((outs[0] == outs[1]).sum())
+        total += new
+    return same / total
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=12.0, help="training budget, both stages together")
-    ap.add_argument("--stage1-share", type=float, default=0.3, help="fraction of the budget for attention transfer")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--transfer-steps", type=int, default=100, help="per layer (stops earlier at the budget)")
-    ap.add_argument("--lora-steps", type=int, default=2000, help="stops earlier at the budget")
-    ap.add_argument("--transfer-lr", type=float, default=1e-2)
-    ap.add_argument("--lora-lr", type=float, default=1e-3)
-    ap.add_argument("--keep-softmax", type=int, default=0)
-    ap.add_argument("--eval-windows", type=int, default=4, help="1024-token held-out windows for perplexity")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--out", default="out/bench_distill")
+    ap.add_argument("--quick", action="store_true", help="the ≤ 25-minute preset (default: full, ≤ 2 h)")
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--feature-dim", type=int, default=32, help="hedgehog projection per head (φ has 2× features)")
+    ap.add_argument("--sinks", type=int, default=SINKS)
+    ap.add_argument("--stage1-minutes", type=float)
+    ap.add_argument("--stage2-minutes", type=float)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--work", default="out/bench_distill")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    preset = dict(PRESETS["quick" if args.quick else "full"])
+    for key in ("stage1_minutes", "stage2_minutes"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    torch.set_num_threads(args.threads)
+    mode = "quick" if args.quick else "full"
+    work, out = Path(args.work) / mode, Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    teacher, tokenizer = load_smollm2()
+
+    def log(msg: str) -> None:
+        print(f"[{(time.perf_counter() - t0) / 60:6.1f} min] {msg}", flush=True)
+
+    teacher, tok = load_smollm2()
+    teacher.eval()
+    contexts = preset["contexts"]
+    windows = {c: held_out_windows(tok, c, preset["eval_windows"]) for c in contexts}
+    teacher_nll = {c: nll(teacher, windows[c]) for c in contexts}
+    log("teacher perplexity " + ", ".join(f"@{c}: {math.exp(a / n):.2f}" for c, (a, n) in teacher_nll.items()))
+
+    def ratios(model, mask_fn=None, only=None) -> dict[int, float]:
+        res = {}
+        for c in (only or contexts):
+            a, n = nll(model, windows[c], mask_fn)
+            res[c] = round(math.exp(a / n) / math.exp(teacher_nll[c][0] / teacher_nll[c][1]), 4)
+        return res
+
+    rows = []
+    for w in preset["baseline_windows"]:
+        for sinks in (0, SINKS):
+            r = ratios(teacher, streaming_mask(w, sinks))
+            rows.append({"model": f"{'sinks + ' if sinks else ''}window {w} (no training)", "kind": "baseline",
+                         "state_MiB": round(kv_bytes(w + sinks) / 2**20, 2), "train_min": 0.0,
+                         **{f"ratio@{c}": v for c, v in r.items()}})
+            log(rows[-1]["model"] + f": {r}")
+
     student, _ = load_smollm2()
-    surgery = surgeon.apply(student, LinearizeAttention(feature_map="hedgehog", window=64))
-    student = surgery.model
-    ev = dict(tokenizer=tokenizer, teacher=teacher, n_windows=args.eval_windows, context=1024)
-    timings = {}
+    config = LinearizeAttention(feature_map="hedgehog", feature_dim=args.feature_dim, window=args.window,
+                                sinks=args.sinks)
+    surgery = surgeon.apply(student, config)
+    student = surgery.model.eval()
+    state_bytes = StateLayout.of(student).state_bytes(batch=1)
+    label = f"hedgehog f{args.feature_dim} + {args.sinks} sinks + window {args.window}"
+    curve = []
 
-    def timed(name, fn):
-        start = time.perf_counter()
-        value = fn()
-        timings[name] = round(time.perf_counter() - start, 1)
-        print(f"[{time.perf_counter() - t0:7.1f} s] {name}: {timings[name]} s", flush=True)
-        return value
+    def record(stage: str, minutes: float, tokens: int, only=None) -> dict:
+        student.eval()
+        r = ratios(student, only=only)
+        row = {"model": f"{label}, {stage}", "kind": "surgeon", "state_MiB": round(state_bytes / 2**20, 2),
+               "train_min": round(minutes, 1), **{f"ratio@{c}": v for c, v in r.items()}}
+        rows.append(row)
+        curve.append({"stage": stage, "minutes": round(minutes, 2), "tokens": tokens, **{f"ratio@{c}": v for c, v in r.items()}})
+        log(f"{row['model']}: {r}")
+        return row
 
-    before = timed("eval before", lambda: evaluate(student, **ev, generation=False, niah_trials=1, mqar_trials=8))
-    print(before, flush=True)
-    budget1 = args.minutes * args.stage1_share
-    budget2 = args.minutes - budget1
-    common = dict(seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                  output_dir=str(out), checkpoint_dir=str(out / "ckpt"), checkpoint_every=25, progress=True)
-    r1 = timed("stage 1", lambda: surgeon.distill(student, data="pydoc", tokenizer=tokenizer, config=surgeon.DistillConfig(
-        stages=["transfer"], transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
-        keep_softmax=args.keep_softmax, max_minutes=budget1, **common)))
-    print(r1.report, flush=True)
-    (out / "stage1.json").write_text(json.dumps(r1.to_dict(), indent=2, default=str))
-    history1 = list(r1.history)
-    after1 = timed("eval after stage 1", lambda: evaluate(student, **ev, generation=False, probes=False))
-    print(after1, flush=True)
-    r2 = timed("stage 2", lambda: surgeon.distill(student, data="pydoc", tokenizer=tokenizer, config=surgeon.DistillConfig(
-        stages=["lora"], lora_steps=args.lora_steps, lora_lr=args.lora_lr, max_minutes=budget2,
-        scheduler="constant", warmup_steps=10, **{**common, "checkpoint_dir": str(out / "ckpt2")})))
-    student = r2.model
-    print(r2.report, flush=True)
-    after2 = timed("eval after stage 2", lambda: evaluate(student, **ev, niah_trials=1, mqar_trials=8, out_dir=out))
-    print(after2, flush=True)
-    surgeon.distill.engine.save_curves(history1 + r2.history, out)
+    record("before training", 0.0, 0, only=(1024,))
 
-    teacher_ppl = after2.perplexity["teacher"]
+    # stage 1: attention transfer, early-stopped per layer, on sequences as long as the longest eval context
+    common = dict(batch_size=1, progress=True, output_dir=str(work / "stage1"))
+    r1 = surgeon.distill(student, data="pydoc", tokenizer=tok, config=surgeon.DistillConfig(
+        stages=["transfer"], seq_len=preset["stage1_seq"], transfer_steps=preset["transfer_steps"],
+        transfer_packs=preset["transfer_packs"], transfer_lr=1e-2, transfer_eval_every=10, transfer_patience=3,
+        max_minutes=preset["stage1_minutes"], **common))
+    s1_min = r1.seconds["transfer"] / 60
+    s1_tokens = r1.tokens.get("transfer_per_layer", 0)
+    log(f"stage 1: {s1_min:.1f} min, {len(r1.layers)} layers, converged "
+        f"{sum(bool(l.get('converged')) for l in r1.layers)}; tokens/s per layer "
+        f"{sum(l.get('tokens_per_s', 0) for l in r1.layers) / max(len(r1.layers), 1):.0f}")
+    record("after stage 1", s1_min, s1_tokens, only=(512, 1024))
+
+    # stage 2: LoRA + KD on every position, teacher chat answers mixed with prose
+    chat = chat_texts(teacher, tok, n=preset["chat"], max_new_tokens=preset["chat_tokens"],
+                      cache=cache_dir() / f"chat_{preset['chat']}_{preset['chat_tokens']}.json")
+    prose = pydoc_texts("train")
+    data = [t for pair in zip(chat, prose) for t in pair] + prose[len(chat):]
+    r2 = surgeon.distill(student, data=data, tokenizer=tok, teacher=teacher, config=surgeon.DistillConfig(
+        stages=["lora"], seq_len=preset["stage2_seq"], lora_steps=preset["lora_steps"], lora_lr=1e-3,
+        max_minutes=preset["stage2_minutes"], warmup_steps=5, **{**common, "output_dir": str(work / "stage2")}))
+    student = r2.model.eval()
+    s2_min = r2.seconds["lora"] / 60
+    final = record("after stage 2", s1_min + s2_min, s1_tokens + r2.tokens.get("lora", 0))
+
+    # agreement, long-prompt greedy, short-prompt agreement, needle beyond the window
+    agree = agreement(student, teacher, windows[1024])
+    long_prompts = [row[:256] for row in held_out_windows(tok, 512, preset["greedy_prompts"])]
+    greedy = greedy_agreement(student, teacher, long_prompts, preset["greedy_new"])
+    shorts = held_out_windows(tok, 48, preset["short_prompts"] // 2)
+    chats = [tok.apply_chat_template([{"role": "user", "content": p[:120]}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)["input_ids"][0][:args.window - 4]
+             for p in chat_prompts(preset["short_prompts"] // 2, "held_out", seed=1)]
+    short = agreement(student, teacher, list(shorts) + [c for c in chats])
+    haystack = held_out_windows(tok, 1024, 4)
+    depths = [0.1, 0.3, 0.5, 0.7]
+    trials = make_niah_trials(tok, haystack, 1024, depths, preset["niah_trials"], 0, teacher.config.vocab_size)
+    niah = {"depths": depths, "context": 1024,
+            "teacher": [sum(exact_continuation(teacher, i, a) for i, a in t) / len(t) for t in trials],
+            "student": [sum(exact_continuation(student, i, a) for i, a in t) / len(t) for t in trials]}
+    niah["where_teacher_succeeds"] = [d for d, s in zip(depths, niah["teacher"]) if s >= 0.8]
+    log(f"agreement @1024 {agree}; greedy on {len(long_prompts)} long prompts {greedy:.3f}; "
+        f"short prompts {short}; needle {niah}")
+
+    baseline_rows = [r for r in rows if r["kind"] == "baseline"]
+    equal_state = [r for r in baseline_rows if "sinks" in r["model"] and r["state_MiB"] >= final["state_MiB"]]
+    pareto = sorted(rows, key=lambda r: r["state_MiB"])
     result = {
-        "model": "SmolLM2-135M-Instruct", "layers_linearized": 30, "feature_map": "hedgehog", "window": 64,
-        "kept_softmax": r1.kept_softmax,
-        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
-        "budget_minutes": args.minutes, "seq_len": args.seq_len,
-        "eval": {"context": 1024, "windows": args.eval_windows, "tokens": after2.perplexity["tokens"],
-                 "data": "held-out pydoc topics (never trained on)"},
-        "perplexity": {"teacher": teacher_ppl, "student_before": before.perplexity["student"],
-                       "student_after_stage1": after1.perplexity["student"],
-                       "student_after_stage2": after2.perplexity["student"]},
-        "ratio": {"before": before.perplexity["ratio"], "after_stage1": after1.perplexity["ratio"],
-                  "after_stage2": after2.perplexity["ratio"]},
-        "agreement": {"before": before.agreement, "after_stage1": after1.agreement, "after_stage2": after2.agreement},
-        "tokens": {"stage1_distinct": r1.tokens.get("transfer"), "stage1_per_layer": r1.tokens.get("transfer_per_layer"),
-                   "stage2": r2.tokens.get("lora")},
-        "steps": {"stage1_per_layer_max": max([h["step"] for h in history1] or [0]),
-                  "stage2": max([h["step"] for h in r2.history] or [0])},
-        "seconds": {"stage1": round(r1.seconds.get("transfer", 0), 1), "stage2": round(r2.seconds.get("lora", 0), 1),
-                    **timings, "total": round(time.perf_counter() - t0, 1)},
-        "stopped_at_budget": {"stage1": r1.stopped_early.get("transfer"), "stage2": r2.stopped_early.get("lora")},
-        "stage1_layers": r1.layers,
-        "recall": {"mqar": {"teacher": after2.mqar.get("teacher"), "student_before": before.mqar.get("student"),
-                            "student_after": after2.mqar.get("student"), "n_pairs": after2.mqar.get("n_pairs"),
-                            "trials": after2.mqar.get("trials")},
-                   "niah": {"depths": after2.niah.get("depths"), "context": after2.niah.get("context"),
-                            "teacher": after2.niah.get("teacher"), "student_before": before.niah.get("student"),
-                            "student_after": after2.niah.get("student")}},
-        "targets": {"ratio_target": 1.10, "ratio_goal": 1.05},
+        "mode": mode, "model": "SmolLM2-135M-Instruct", "config": config.to_dict(),
+        "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}, fp32, eager PyTorch",
+        "decode_state_MiB": round(state_bytes / 2**20, 2),
+        "softmax_kv_MiB_at_8k": round(kv_bytes(8192) / 2**20, 1),
+        "state_fraction_of_kv_at_8k": round(state_bytes / kv_bytes(8192), 4),
+        "eval": {"contexts": list(contexts), "windows_per_context": preset["eval_windows"],
+                 "data": "held-out pydoc topics (never trained on)",
+                 "teacher_perplexity": {c: round(math.exp(a / n), 3) for c, (a, n) in teacher_nll.items()}},
+        "rows": rows, "curve": curve,
+        "agreement_1024": agree, "greedy_agreement_long_prompts": greedy, "long_prompt_tokens": 256,
+        "short_prompt_agreement": short, "niah": niah,
+        "stage1": {"minutes": round(s1_min, 2), "layers": r1.layers, "tokens_per_layer": s1_tokens,
+                   "stopped_at_budget": r1.stopped_early.get("transfer")},
+        "stage2": {"minutes": round(s2_min, 2), "tokens": r2.tokens.get("lora"),
+                   "tokens_per_s": round(r2.tokens.get("lora", 0) / max(r2.seconds["lora"], 1e-9), 1),
+                   "stopped_at_budget": r2.stopped_early.get("lora"), "data": f"{len(chat)} teacher chat answers + prose"},
+        "equal_state_baselines": equal_state,
+        "targets": {"quick_ratio_1024": 1.30, "full_ratio_1024": 1.15, "greedy_long": 0.60, "short_agreement": 0.99},
+        "minutes_total": round((time.perf_counter() - t0) / 60, 1),
     }
-    (out / "distill_smollm2.json").write_text(json.dumps(result, indent=2))
-    rows = [{"model": "teacher (softmax)", "ppl": teacher_ppl, "ratio": 1.0},
-            {"model": "student before", "ppl": before.perplexity["student"], "ratio": before.perplexity["ratio"]},
-            {"model": "after stage 1", "ppl": after1.perplexity["student"], "ratio": after1.perplexity["ratio"]},
-            {"model": "after stage 2", "ppl": after2.perplexity["student"], "ratio": after2.perplexity["ratio"]}]
-    print(format_table(["model", "ppl", "ratio"], rows))
-    print(json.dumps({k: result[k] for k in ("tokens", "steps", "seconds", "recall")}, indent=1))
-    print(f"wrote {out / 'distill_smollm2.json'}")
+    path = out / f"distill_smollm2{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    cols = ["model", "state_MiB", "train_min"] + [f"ratio@{c}" for c in contexts]
+    print(format_table(cols, [{k: r.get(k, "-") for k in cols} for r in pareto]))
+    _plot(result, out / f"distill_smollm2{'_quick' if args.quick else ''}.png")
+    log(f"wrote {path}")
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    pts = [c for c in result["curve"] if "ratio@1024" in c]
+    a.plot([c["minutes"] for c in pts], [c["ratio@1024"] for c in pts], "o-", label="converted (surgeon)")
+    for r in result["rows"]:
+        if r["kind"] == "baseline" and "sinks" in r["model"]:
+            a.axhline(r["ratio@1024"], ls="--", lw=0.8, color="gray")
+            a.text(0, r["ratio@1024"], r["model"].replace(" (no training)", ""), fontsize=7, va="bottom")
+    a.set_xlabel("training minutes (2-core CPU)")
+    a.set_ylabel("perplexity ratio @1024")
+    a.set_title("quality vs compute")
+    for kind, marker in (("baseline", "s"), ("surgeon", "o")):
+        rs = [r for r in result["rows"] if r["kind"] == kind and "ratio@1024" in r]
+        b.scatter([r["state_MiB"] for r in rs], [r["ratio@1024"] for r in rs], marker=marker, label=kind)
+    b.set_xlabel("decode state, MiB (fp32, 30 layers)")
+    b.set_ylabel("perplexity ratio @1024")
+    b.set_title("ratio vs state bytes")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

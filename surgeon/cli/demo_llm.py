@@ -1,9 +1,12 @@
-"""The default demo: SmolLM2-135M-Instruct with every attention layer linearized (hedgehog + window 64).
+"""The default demo: SmolLM2-135M-Instruct with every attention layer linearized (hedgehog + 4 sinks + window 64).
 
-load → generate before → LinearizeAttention on all 30 layers → report (attention FLOPs and decode
-state vs. the softmax KV cache at 1 K / 8 K / 32 K) → generate after → quick distillation (perplexity
-before / after) → save the surgery → export prefill/decode ONNX graphs → verify them against PyTorch
-in onnxruntime → generate the answer again, on onnxruntime, with constant-size state.
+load → answer a long prompt (a held-out passage of a few hundred tokens + a question, so most of
+the attention goes through the linear branch) → LinearizeAttention on all 30 layers → report
+(attention FLOPs and decode state vs. the softmax KV cache at 1 K / 8 K / 32 K) → answer again →
+quick distillation (perplexity before / after, agreement on prompts shorter than the window) → save
+the surgery → export prefill/decode ONNX graphs → verify them against PyTorch in onnxruntime (the
+same criterion as ``surgeon verify``) → answer again on onnxruntime. The answers are printed side
+by side with their token agreement to the original's.
 
 Example:
     >>> from surgeon.cli.demo_llm import run_llm_demo
@@ -25,21 +28,45 @@ import surgeon
 from surgeon.models.smollm2 import load_smollm2
 from surgeon.passes import LinearizeAttention
 
-PROMPT = "What is the capital of France?"
+QUESTION = "Summarize the passage above in one or two sentences."
 
 
-def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, float]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+def long_prompt(chars: int = 1400) -> str:
+    """A held-out pydoc passage (never trained on) of a few hundred tokens, then the question."""
+    from surgeon.distill.data import pydoc_texts
+
+    passage = max(pydoc_texts("held_out"), key=len)[:chars]
+    return f"{passage.rsplit(' ', 1)[0]}\n\n{QUESTION}"
+
+
+def _ids(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+
+
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, list[int], float]:
+    ids = _ids(tokenizer, prompt)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - start
-    text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    return text.strip(), seconds
+    tokens = out[0, ids["input_ids"].shape[1]:].tolist()
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, seconds
 
 
-def _deploy(model, tokenizer, out: Path, max_new_tokens: int, log) -> dict[str, Any]:
+def token_agreement(tokens: list[int], reference: list[int]) -> float:
+    """Fraction of the reference's positions where ``tokens`` has the same token (greedy answers)."""
+    return sum(a == b for a, b in zip(tokens, reference)) / max(len(reference), 1)
+
+
+def linear_fraction(n_tokens: int, window: int, sinks: int) -> float:
+    """Fraction of the causal (query, key) pairs of an ``n_tokens`` prompt that the linear branch computes."""
+    total = n_tokens * (n_tokens + 1) // 2
+    exact = sum(min(t + 1, window) + min(sinks, max(t + 1 - window, 0)) for t in range(n_tokens))
+    return (total - exact) / total
+
+
+def _deploy(model, tokenizer, out: Path, prompt: str, max_new_tokens: int, log) -> dict[str, Any]:
     """Export prefill/decode graphs, verify them in onnxruntime, answer the prompt on onnxruntime."""
     import surgeon.export
     from surgeon.export import OnnxGenerator, verify_causal_lm
@@ -48,65 +75,72 @@ def _deploy(model, tokenizer, out: Path, max_new_tokens: int, log) -> dict[str, 
     exported = surgeon.export.to_onnx(model, onnx_dir, overwrite=True)
     log(f"exported prefill.onnx + decode.onnx to {onnx_dir} in {exported.seconds:.0f} s")
     report = verify_causal_lm(onnx_dir, model, shapes=[(1, 37), (2, 100), (1, 200)], n_generate=32,
-                              raise_on_failure=False)
+                              raise_on_failure=False)   # the default criterion: the same as `surgeon verify`
     report.save(onnx_dir / "verify.json")
     log(f"onnxruntime verification: {'PASSED' if report.passed else 'FAILED: ' + str(report.first_failure)} "
         f"(logits max abs {report.max_abs:.2e}, greedy agreement {report.greedy_agreement:.0%})")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    ids = _ids(tokenizer, prompt)
     generator = OnnxGenerator(onnx_dir)
     start = time.perf_counter()
     tokens = generator.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=max_new_tokens,
                                 eos_token_id=tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
-    text = tokenizer.decode(tokens[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    log(f"onnxruntime         > {PROMPT}\n                    < {text}")
-    return {"dir": str(onnx_dir), "export_seconds": round(exported.seconds, 1), "verify_passed": report.passed,
+    answer = tokens[0, ids["input_ids"].shape[1]:].tolist()
+    text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+    return {"tokens": answer, "dir": str(onnx_dir), "export_seconds": round(exported.seconds, 1), "verify_passed": report.passed,
             "logits_max_abs": report.max_abs, "greedy_agreement": report.greedy_agreement,
             "decode_ms_per_token": report.decode_ms_per_token, "state_bytes": generator.state_bytes(),
             "text": text, "seconds": round(seconds, 2)}
 
 
 def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map: str = "hedgehog",
-                 max_new_tokens: int = 24, show: bool = True, distill_minutes: float = 0.0,
-                 export: bool = False) -> dict[str, Any]:
+                 max_new_tokens: int = 32, show: bool = True, distill_minutes: float = 0.0,
+                 export: bool = False, sinks: int = 4) -> dict[str, Any]:
     """Run the LLM pipeline, write ``demo.json`` + the saved surgery under ``out_dir``, return a summary.
 
     ``distill_minutes`` > 0 adds the quick distillation; ``export`` adds ONNX export, onnxruntime
-    verification and generation on onnxruntime.
+    verification and generation on onnxruntime. ``result["passed"]`` is False when a check failed
+    (the onnxruntime verification); the CLI then exits 1.
     """
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     log = (lambda msg: tqdm.write(msg)) if show else (lambda msg: None)
     steps = tqdm(total=5 + (distill_minutes > 0) + export, desc="surgeon demo (SmolLM2-135M)", unit="step",
                  disable=not show)
+    prompt = long_prompt()
 
     steps.set_postfix_str("load SmolLM2-135M-Instruct")
     model, tokenizer = load_smollm2()
+    model.eval()
+    n_prompt = _ids(tokenizer, prompt)["input_ids"].shape[1]
     steps.update()
 
     steps.set_postfix_str("generate (softmax)")
-    before, before_s = _generate(model, tokenizer, PROMPT, max_new_tokens)
-    log(f"softmax attention   > {PROMPT}\n                    < {before}")
+    answers: dict[str, dict[str, Any]] = {}
+    text, tokens, sec = _generate(model, tokenizer, prompt, max_new_tokens)
+    answers["original (softmax)"] = {"text": text, "tokens": tokens, "seconds": round(sec, 2)}
     steps.update()
 
     steps.set_postfix_str("LinearizeAttention")
-    surgery = surgeon.apply(model, LinearizeAttention(feature_map=feature_map, window=window))
+    surgery = surgeon.apply(model, LinearizeAttention(feature_map=feature_map, window=window, sinks=sinks))
     surgery.recipe.source = {"model": "smollm2"}
     steps.update()
 
     steps.set_postfix_str("generate (linearized)")
-    after, after_s = _generate(surgery.model, tokenizer, PROMPT, max_new_tokens)
-    log(f"linear attention    > {PROMPT}\n                    < {after}")
+    text, tokens, sec = _generate(surgery.model, tokenizer, prompt, max_new_tokens)
+    answers["linearized"] = {"text": text, "tokens": tokens, "seconds": round(sec, 2)}
     steps.update()
 
     distilled = None
-    if distill_minutes > 0:  # surgeon.distill: attention transfer + LoRA within the budget, ppl before/after
+    if distill_minutes > 0:  # surgeon.distill: attention transfer + LoRA within the budget, measured
         from surgeon.distill.demo import quick_distill
+        from surgeon.models.smollm2 import cache_dir
 
         steps.set_postfix_str(f"distill ({distill_minutes:g} min)")
-        distilled = quick_distill(surgery.model, tokenizer, minutes=distill_minutes, out_dir=out / "distill", log=log)
-        distilled["text"], _ = _generate(surgery.model, tokenizer, PROMPT, max_new_tokens)
-        log(f"after distillation  > {PROMPT}\n                    < {distilled['text']}")
+        distilled = quick_distill(surgery.model, tokenizer, teacher=model, minutes=distill_minutes,
+                                  out_dir=out / "distill", chat_cache=cache_dir() / "demo_chat.json", log=log)
+        text, tokens, sec = _generate(surgery.model, tokenizer, prompt, max_new_tokens)
+        answers["distilled"] = {"text": text, "tokens": tokens, "seconds": round(sec, 2)}
         steps.update()
 
     steps.set_postfix_str("save")
@@ -116,21 +150,26 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
     deployed = None
     if export:
         steps.set_postfix_str("export + verify + generate on onnxruntime")
-        deployed = _deploy(surgery.model, tokenizer, out, max_new_tokens, log)
+        deployed = _deploy(surgery.model, tokenizer, out, prompt, max_new_tokens, log)
+        answers["onnxruntime"] = {k: deployed[k] for k in ("text", "tokens", "seconds")}
         steps.update()
     steps.close()
 
+    reference = answers["original (softmax)"]["tokens"]
+    for a in answers.values():
+        a["agreement"] = round(token_agreement(a["tokens"], reference), 3)
     rows = surgery.report["LinearizeAttention"].rows
     result = {
         "model": "SmolLM2-135M-Instruct",
         "layers_converted": len(rows),
         "params_added": surgery.report["LinearizeAttention"].totals["params_added"],
         "config": surgery.recipe.entries[0].config,
-        "prompt": PROMPT,
-        "before": {"text": before, "seconds": round(before_s, 2)},
-        "after": {"text": after, "seconds": round(after_s, 2)},
+        "prompt": prompt, "prompt_tokens": n_prompt,
+        "linear_fraction": round(linear_fraction(n_prompt, window, sinks), 4),
+        "answers": answers,
         "distill": distilled,
         "onnx": deployed,
+        "passed": deployed is None or bool(deployed["verify_passed"]),
         "out_dir": str(out),
     }
     (out / "demo.json").write_text(json.dumps(result, indent=2))
@@ -138,13 +177,18 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
         print(surgery.report)
         print(f"\nparameters added: {result['params_added']:,} "
               f"({100 * result['params_added'] / sum(p.numel() for p in model.parameters()):.2f}% of the model)")
-        print(f"before (softmax, {before_s:.1f} s): {before!r}")
-        print(f"after  (linear,  {after_s:.1f} s): {after!r}")
+        print(f"\nprompt: {n_prompt} tokens (a held-out passage + {QUESTION!r}); window {window} + {sinks} sinks: "
+              f"{result['linear_fraction']:.0%} of its attention pairs go through the linear branch")
+        for name, a in answers.items():
+            print(f"{name:<20} agreement {a['agreement']:>5.0%}  ({a['seconds']:.1f} s): {a['text']!r}")
         if distilled:
-            print(f"held-out perplexity: teacher {distilled['teacher_ppl']:.2f}, linearized {distilled['before_ppl']:.2f}"
-                  f" -> distilled {distilled['after_ppl']:.2f} ({distill_minutes:g} min budget)")
+            print(f"held-out perplexity @{distilled['context']}: original {distilled['teacher_ppl']:.2f}, linearized "
+                  f"{distilled['before_ppl']:.2f} -> distilled {distilled['after_ppl']:.2f} (ratio "
+                  f"{distilled['ratio_before']:.2f} -> {distilled['ratio_after']:.2f}, {distill_minutes:g} min budget); "
+                  f"top-1 agreement with the original on prompts shorter than the window: "
+                  f"{distilled['short_prompt_agreement']:.3f}")
         if deployed:
-            print(f"onnxruntime ({'verified' if deployed['verify_passed'] else 'VERIFICATION FAILED'}, "
-                  f"state {deployed['state_bytes'] / 2**20:.1f} MiB at any context): {deployed['text']!r}")
+            print(f"onnxruntime: {'verified' if deployed['verify_passed'] else 'VERIFICATION FAILED'}, "
+                  f"state {deployed['state_bytes'] / 2**20:.1f} MiB at any context")
         print(f"Outputs in {out}/")
     return result

@@ -29,15 +29,14 @@ import torch.nn as nn
 from surgeon.distill import lora as L
 from surgeon.distill.config import DistillConfig
 from surgeon.distill.data import data_digest, resolve
-from surgeon.distill.engine import Checkpoints, Phase, make_accelerator, run_phase, save_curves, seed_everything
+from surgeon.distill.engine import Checkpoints, make_accelerator, save_curves, seed_everything
+from surgeon.distill.stage_lora import run_lora
+from surgeon.distill.stage_transfer import block_name, run_transfer
 from surgeon.distill.transfer import (
-    LayerInputs,
-    cache_bytes_per_pack,
     layer_errors,
     linear_units,
     load_stage1_state,
     new_parameters,
-    pair_mse,
     require_units,
     restore_softmax,
     set_transfer,
@@ -96,47 +95,6 @@ def _model_signature(model: nn.Module, units: list[tuple[str, nn.Module]]) -> st
     q = getattr(units[0][1], units[0][1].layout.projection_names[0]).weight
     parts.append(hashlib.sha1(q.detach().float().cpu().numpy().tobytes()).hexdigest()[:12])
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
-
-
-def _blocks(units: list[tuple[str, nn.Module]], config: DistillConfig) -> list[list[tuple[str, nn.Module]]]:
-    if config.transfer_mode == "joint":
-        return [units]
-    k = config.block_size if config.transfer_mode == "block" else 1
-    return [units[i:i + k] for i in range(0, len(units), k)]
-
-
-def _block_name(block: list[tuple[str, nn.Module]]) -> str:
-    ids = [u.layer_idx for _, u in block]
-    return f"layer {ids[0]}" if len(ids) == 1 else f"layers {ids[0]}-{ids[-1]}"
-
-
-def _nan_locator(model: nn.Module, ids_fn: Callable[[], torch.Tensor]) -> Callable[[dict], str | None]:
-    """Re-run the failing batch with hooks; the first attention / decoder layer whose output is not finite."""
-    def locate(_: dict) -> str | None:
-        units = [n for n, m in model.named_modules() if n.endswith(("self_attn", "attn", "attention"))
-                 or n.rpartition(".")[2].isdigit()]
-        found: list[str] = []
-        hooks = []
-        mods = dict(model.named_modules())
-
-        def hook_for(name):
-            def hook(module, args, out):
-                t = out[0] if isinstance(out, tuple) else out
-                if not found and isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
-                    found.append(name)
-            return hook
-
-        for n in units:
-            hooks.append(mods[n].register_forward_hook(hook_for(n)))
-        try:
-            with torch.no_grad():
-                model(input_ids=ids_fn(), use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        return found[0] if found else None
-
-    return locate
 
 
 def distill(model: Any, data: Any = "pydoc", config: DistillConfig | None = None, *, tokenizer: Any = None,
@@ -220,15 +178,20 @@ def distill(model: Any, data: Any = "pydoc", config: DistillConfig | None = None
             if stage_pos != "done" or not state["layers"]:
                 if not state["errors_before"]:
                     state["errors_before"] = layer_errors(model, eval_packs, config.batch_size)
-                _stage1(model, units, packs, config, accelerator, ckpts, history, save_state, position, resume_at,
-                        ck, state, callbacks, device)
+                started = time.perf_counter()
+                run = run_transfer(model, units, packs, config, accelerator, ckpts, history, save_state, position,
+                                   ck, state["errors_before"], callbacks, device)
+                seconds = time.perf_counter() - started
+                state["seconds"]["transfer"] = state["seconds"].get("transfer", 0.0) + seconds
+                state["tokens"]["transfer"] = run.tokens
+                if run.tokens_per_layer:
+                    state["tokens"]["transfer_per_layer"] = run.tokens_per_layer
+                state.setdefault("stopped", {})["transfer"] = run.stopped_at_budget
                 model.train()
                 errors_after = layer_errors(model, eval_packs, config.batch_size)
                 worst = sorted(errors_after, key=errors_after.get, reverse=True)[:config.keep_softmax]
-                state["layers"] = [{"layer": u.layer_idx, "site": n, "mse_before": state["errors_before"][n],
-                                    "mse_after": errors_after[n],
-                                    "reduction": state["errors_before"][n] / max(errors_after[n], 1e-30),
-                                    "kept_softmax": n in worst} for n, u in units]
+                state["layers"] = [_layer_row(n, u, state["errors_before"][n], errors_after[n], n in worst,
+                                              run.blocks.get(block_name([(n, u)]), {})) for n, u in units]
                 state["kept_softmax"] = worst
         if state["kept_softmax"]:
             present = {n for n, _ in linear_units(model)}
@@ -239,8 +202,8 @@ def distill(model: Any, data: Any = "pydoc", config: DistillConfig | None = None
         result.kept_softmax = state["kept_softmax"]
         # ---------------- stage 2 -------------------------------------------------------------------
         if "lora" in config.stages:
-            model = _stage2(model, packs, config, accelerator, ckpts, history, save_state, position, resume_at, ck,
-                            state, callbacks, device, teacher)
+            model = run_lora(model, packs, config, accelerator, ckpts, history, save_state, position, ck, state,
+                             callbacks, device, teacher)
             result.model = model
         result.tokens, result.seconds = state["tokens"], state["seconds"]
         result.stopped_early = dict(state.get("stopped", {}))
@@ -261,6 +224,18 @@ def distill(model: Any, data: Any = "pydoc", config: DistillConfig | None = None
     return result
 
 
+def _layer_row(site: str, unit: nn.Module, before: float, after: float, kept: bool, block: dict[str, Any]
+               ) -> dict[str, Any]:
+    """One row of the stage-1 report: transfer MSE before / after, held-out curve ends, how the layer stopped."""
+    heldout = block.get("heldout") or []
+    row = {"layer": unit.layer_idx, "site": site, "mse_before": before, "mse_after": after,
+           "reduction": before / max(after, 1e-30), "kept_softmax": kept}
+    if heldout:
+        row.update(heldout_before=heldout[0], heldout_after=min(heldout), steps=block["steps"],
+                   converged=block["converged"], tokens_per_s=block["tokens_per_s"])
+    return row
+
+
 def _drop_kept_sites(surgery: Any, kept: list[str]) -> None:
     """Layers given back to softmax leave the recipe, so ``surgeon.save`` / ``restore`` replay the rest."""
     if not kept:
@@ -268,155 +243,6 @@ def _drop_kept_sites(surgery: Any, kept: list[str]) -> None:
     for entry in surgery.recipe.entries:
         if entry.pass_name == "LinearizeAttention":
             entry.sites = [site for site in entry.sites if site.name not in kept]
-
-
-def _deadline(config: DistillConfig, start: float, remaining_blocks: int, now: float) -> float | None:
-    if config.max_minutes is None:
-        return None
-    end = start + config.max_minutes * 60
-    return now + max(0.0, end - now) / max(1, remaining_blocks)
-
-
-def _stage1(model, units, packs, config, accelerator, ckpts, history, save_state, position, resume_at, ck, state,
-            callbacks, device) -> None:
-    start = time.perf_counter()
-    blocks = _blocks(units, config)
-    per_step = config.batch_size * config.grad_accum * accelerator.num_processes
-    stopped = False
-    set_transfer(model, True)
-    try:
-        if config.transfer_mode == "joint":
-            n_items = packs.shape[0]
-            unit_list = units
-
-            def loss_fn(items):
-                model(input_ids=packs[items].to(device), use_cache=False)
-                losses = {f"layer {u.layer_idx}": pair_mse(u) for _, u in unit_list}
-                return config.mse_weight * torch.stack(list(losses.values())).mean(), \
-                    {k: float(v.detach()) for k, v in losses.items()}
-
-            pos = position("transfer", 0)
-            if pos != "done":
-                params = [p for _, u in units for p in new_parameters(u).values()]
-                for p in params:
-                    p.requires_grad_(True)
-                phase = Phase("transfer", 0, f"all {len(units)} layers", params, n_items, loss_fn, config.transfer_lr,
-                              config.transfer_steps, config.seq_len,
-                              locate_nan=_nan_locator(model, lambda: packs[:1].to(device)))
-                res = run_phase(phase, config, accelerator, ckpts, history, save_state,
-                                resume=ck if pos == "resume" else None,
-                                deadline=_deadline(config, start, 1, time.perf_counter()), callbacks=callbacks)
-                for p in params:
-                    p.requires_grad_(False)
-                stopped = res.stopped_early
-                state["tokens"]["transfer"] = res.tokens
-        else:
-            n_items = min(config.transfer_packs or config.transfer_steps * per_step, packs.shape[0])
-            stage_packs = packs[:n_items]
-            per_pack = cache_bytes_per_pack(model, config.seq_len)
-            group = max(1, int(config.cache_gb * 2**30 // max(1, per_pack * n_items * 2)))  # ×2: q/k/v temporaries
-            todo = [i for i in range(len(blocks)) if position("transfer", i) != "done"]
-            inputs = LayerInputs()
-            done_steps = 0
-            while todo:
-                # capture the inputs of as many upcoming blocks as fit in cache_gb
-                chosen, count = [], 0
-                for i in todo:
-                    if chosen and count + len(blocks[i]) > group:
-                        break
-                    chosen.append(i)
-                    count += len(blocks[i])
-                inputs.clear()
-                inputs.capture(model, [u for i in chosen for u in blocks[i]], stage_packs, max(config.batch_size, 4))
-                set_transfer(model, True)
-                for i in chosen:
-                    block = blocks[i]
-                    pos = position("transfer", i)
-
-                    def loss_fn(items, block=block):
-                        losses = {}
-                        for name, unit in block:
-                            args, kwargs = inputs.batch(name, items)
-                            unit(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
-                            losses[f"layer {unit.layer_idx}"] = pair_mse(unit)
-                        return config.mse_weight * torch.stack(list(losses.values())).mean(), \
-                            {k: float(v.detach()) for k, v in losses.items()}
-
-                    params = [p for _, u in block for p in new_parameters(u).values()]
-                    for p in params:
-                        p.requires_grad_(True)
-                    phase = Phase("transfer", i, _block_name(block), params, n_items, loss_fn, config.transfer_lr,
-                                  config.transfer_steps, config.seq_len)
-                    res = run_phase(phase, config, accelerator, ckpts, history, save_state,
-                                    resume=ck if pos == "resume" else None,
-                                    deadline=_deadline(config, start, len(todo), time.perf_counter()),
-                                    callbacks=callbacks)
-                    for p in params:
-                        p.requires_grad_(False)
-                    stopped = stopped or res.stopped_early
-                    done_steps = max(done_steps, res.steps_done)
-                    todo.remove(i)
-            inputs.clear()
-            state["tokens"]["transfer"] = n_items * config.seq_len
-            if done_steps:
-                state["tokens"]["transfer_per_layer"] = done_steps * per_step * config.seq_len
-    finally:
-        set_transfer(model, False)
-    state["seconds"]["transfer"] = state["seconds"].get("transfer", 0.0) + time.perf_counter() - start
-    state.setdefault("stopped", {})["transfer"] = stopped
-
-
-def _stage2(model, packs, config, accelerator, ckpts, history, save_state, position, resume_at, ck, state, callbacks,
-            device, teacher) -> nn.Module:
-    start = time.perf_counter()
-    pos = position("lora", 0)
-    peft_model = L.add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, list(config.lora_targets),
-                            config.seed)
-    state["peft"] = peft_model
-    if ck is not None and "lora" in ck and pos in ("resume", "done"):
-        current = L.lora_parameters(peft_model)
-        with torch.no_grad():
-            for n, v in ck["lora"].items():
-                current[n].copy_(v)
-    params = list(L.lora_parameters(peft_model).values())
-    if config.lora_train_feature_maps:
-        params += L.unfreeze_feature_maps(peft_model)
-    for p in params:
-        p.requires_grad_(True)
-    peft_model.train()
-
-    def loss_fn(items):
-        ids = packs[items].to(device)
-        t = L.teacher_logits(peft_model, teacher, ids)
-        s = peft_model(input_ids=ids, use_cache=False).logits
-        parts = {}
-        loss = torch.zeros((), device=device)
-        if config.kd_weight > 0:
-            kd = L.kd_loss(s, t, config.temperature)
-            loss = loss + config.kd_weight * kd
-            parts["kd"] = float(kd.detach())
-        if config.ce_weight > 0:
-            ce = L.next_token_ce(s, ids)
-            loss = loss + config.ce_weight * ce
-            parts["ce"] = float(ce.detach())
-        return loss, parts
-
-    stopped = False
-    if pos != "done" or ck is None or ck["step"] < config.lora_steps:
-        phase = Phase("lora", 0, f"r={config.lora_r} on {'/'.join(config.lora_targets)}", params, packs.shape[0],
-                      loss_fn, config.lora_lr, config.lora_steps, config.seq_len,
-                      locate_nan=_nan_locator(peft_model, lambda: packs[:1].to(device)))
-        res = run_phase(phase, config, accelerator, ckpts, history, save_state,
-                        resume=ck if pos == "resume" else None,
-                        deadline=_deadline(config, start, 1, time.perf_counter()), callbacks=callbacks)
-        stopped = res.stopped_early
-        state["tokens"]["lora"] = res.tokens
-    for p in params:
-        p.requires_grad_(False)
-    state["seconds"]["lora"] = state["seconds"].get("lora", 0.0) + time.perf_counter() - start
-    state.setdefault("stopped", {})["lora"] = stopped
-    state["peft"] = None
-    return L.merge(peft_model) if config.merge else peft_model
 
 
 __all__ = ["distill", "DistillResult"]

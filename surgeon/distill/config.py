@@ -47,7 +47,13 @@ class DistillConfig(PassConfig):
         batch_size: sequences per micro-batch (per process).
         grad_accum: micro-batches per optimizer step.
         seed: seeds data order, LoRA init and dropout (everything random).
-        transfer_steps: optimizer steps of stage 1 per layer block ("layer"/"block") or in total ("joint").
+        transfer_steps: at most this many optimizer steps of stage 1 per layer block ("layer"/"block") or in
+            total ("joint"); a block stops earlier when its held-out MSE plateaus.
+        transfer_heldout: fraction of the cached sequences held out to decide when a block has converged
+            (layer/block mode; at least one sequence).
+        transfer_eval_every / transfer_patience / transfer_min_delta: the held-out MSE is checked every
+            ``transfer_eval_every`` steps; a block stops after ``transfer_patience`` checks without a
+            relative improvement of ``transfer_min_delta``, keeping its best parameters.
         transfer_lr: stage-1 learning rate (LoLCATs: 1e-2).
         transfer_mode: ``layer`` (one layer at a time on cached inputs), ``block`` (``block_size`` layers
             at a time), ``joint`` (all layers, one model forward per step).
@@ -88,6 +94,10 @@ class DistillConfig(PassConfig):
     transfer_mode: Literal["layer", "block", "joint"] = "layer"
     block_size: int = 1
     transfer_packs: int | None = None
+    transfer_heldout: float = 0.1
+    transfer_eval_every: int = 10
+    transfer_patience: int = 3
+    transfer_min_delta: float = 0.01
     mse_weight: float = 1000.0
     cache_gb: float = 4.0
     keep_softmax: int = 0
@@ -127,7 +137,7 @@ class DistillConfig(PassConfig):
             raise ConfigError(f"DistillConfig.stages={self.stages}: use ['transfer'], ['lora'] or "
                               "['transfer', 'lora'] (transfer always runs before LoRA)")
         for name in ("seq_len", "batch_size", "grad_accum", "block_size", "lora_r", "log_every", "keep_checkpoints",
-                     "checkpoint_every"):
+                     "checkpoint_every", "transfer_eval_every", "transfer_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("transfer_steps", "lora_steps", "keep_softmax", "warmup_steps"):
@@ -142,6 +152,10 @@ class DistillConfig(PassConfig):
         if self.kd_weight == 0 and self.ce_weight == 0 and "lora" in self.stages:
             raise ConfigError("DistillConfig: kd_weight and ce_weight are both 0, so stage 2 has no loss; "
                               "set kd_weight > 0 (distillation) and/or ce_weight > 0 (next-token loss)")
+        if not 0.0 < self.transfer_heldout < 1.0:
+            raise ConfigError(f"DistillConfig.transfer_heldout must be in (0, 1), got {self.transfer_heldout}")
+        if self.transfer_min_delta < 0:
+            raise ConfigError(f"DistillConfig.transfer_min_delta must be >= 0, got {self.transfer_min_delta}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"DistillConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_targets:

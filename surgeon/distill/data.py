@@ -19,6 +19,8 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -92,6 +94,55 @@ def teacher_texts(model: torch.nn.Module, tokenizer: Any, n: int = 8, max_new_to
                                  top_p=top_p, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             out.append(tokenizer.decode(gen[0], skip_special_tokens=True))
     model.train(was)
+    return out
+
+
+CHAT_ASKS = ("Summarize this passage in a few sentences:", "Explain what this passage means, with an example:",
+             "What are the key points of the following text?", "Rewrite this more simply:")
+
+
+def chat_prompts(n: int, split: str = "train", seed: int = 0, passage_chars: int = 600) -> list[str]:
+    """``n`` user messages (an instruction + a passage of ``split`` pydoc prose), seeded; for chat-format data."""
+    rng = torch.Generator().manual_seed(seed)
+    paragraphs = [p for text in pydoc_texts(split) for p in _paragraphs(text) if len(p) > 200]
+    if not paragraphs:
+        raise ConfigError(f"no {split} passages for chat prompts")
+    order = torch.randperm(len(paragraphs), generator=rng).tolist()
+    return [f"{CHAT_ASKS[i % len(CHAT_ASKS)]}\n\n{paragraphs[order[i % len(order)]][:passage_chars]}"
+            for i in range(n)]
+
+
+@torch.no_grad()
+def chat_texts(model: torch.nn.Module, tokenizer: Any, n: int = 8, max_new_tokens: int = 192, seed: int = 0,
+               cache: str | Path | None = None) -> list[str]:
+    """Chat-formatted conversations: training-topic prompts and the teacher's own greedy answers.
+
+    Training on them (with KD at every position) keeps the behaviour users see, answers to chat
+    prompts, not only prose statistics. ``cache``: a JSON file reused when it holds the same request.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("chat data needs a tokenizer with a chat template (an instruct model's tokenizer)")
+    key = {"n": n, "max_new_tokens": max_new_tokens, "seed": seed, "model": type(model).__name__,
+           "vocab": getattr(getattr(model, "config", None), "vocab_size", None)}
+    path = Path(cache) if cache is not None else None
+    if path is not None and path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["texts"]
+    was = model.training
+    model.eval()
+    out = []
+    for prompt in chat_prompts(n, "train", seed):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(_device(model))
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out.append(text + tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=False))
+    model.train(was)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "texts": out}))
     return out
 
 
@@ -192,4 +243,4 @@ def data_digest(packs: torch.Tensor) -> str:
     return hashlib.sha1(packs.contiguous().numpy().tobytes()).hexdigest()[:16] + f"-{tuple(packs.shape)}"
 
 
-__all__ = ["topic_split", "pydoc_texts", "teacher_texts", "pack", "resolve", "ngram_overlap", "data_digest"]
+__all__ = ["topic_split", "pydoc_texts", "teacher_texts", "chat_prompts", "chat_texts", "pack", "resolve", "ngram_overlap", "data_digest"]

@@ -205,14 +205,63 @@ class Phase:
     steps: int
     tokens_per_item: int
     locate_nan: Callable[[dict[str, float]], str] | None = None
+    stopping: "EarlyStopping | None" = None
+
+
+@dataclass
+class EarlyStopping:
+    """Stop a phase when its held-out loss plateaus, and keep the best parameters seen.
+
+    ``validate()`` returns the held-out loss (no gradients); it runs every ``every`` optimizer steps.
+    The phase stops after ``patience`` checks without a relative improvement of ``min_delta``; the
+    parameters of the best check are restored at the end whatever stopped the phase.
+
+    Example:
+        >>> stop = EarlyStopping(validate=lambda: 1.0, every=5, patience=2)
+        >>> [stop.observe(v, []) for v in (1.0, 0.9, 0.899, 0.9)], stop.best
+        ([False, False, False, True], 0.899)
+    """
+
+    validate: Callable[[], float]
+    every: int = 10
+    patience: int = 3
+    min_delta: float = 0.01
+    best: float = math.inf
+    reference: float = math.inf      # the last value that improved by min_delta
+    first: float | None = None
+    checks: list[float] = field(default_factory=list)
+    _stale: int = 0
+    _best_params: list[torch.Tensor] | None = None
+
+    def observe(self, value: float, params: list[nn.Parameter]) -> bool:
+        """Record one held-out loss; True when the phase should stop (plateau)."""
+        self.checks.append(value)
+        if self.first is None:
+            self.first = value
+        if value < self.best:
+            self.best = value
+            self._best_params = [p.detach().clone() for p in params]
+        if value < self.reference * (1 - self.min_delta) or self.reference == math.inf:
+            self.reference, self._stale = value, 0
+        else:
+            self._stale += 1
+        return self._stale >= self.patience
+
+    def restore_best(self, params: list[nn.Parameter]) -> None:
+        if self._best_params is not None:
+            with torch.no_grad():
+                for p, b in zip(params, self._best_params):
+                    p.copy_(b)
 
 
 @dataclass
 class PhaseResult:
     steps_done: int
-    stopped_early: bool
+    stopped_early: bool          # at the deadline (time budget), before converging
     seconds: float
     tokens: int
+    converged: bool = False      # the held-out loss plateaued (early stopping)
+    heldout: list[float] = field(default_factory=list)
 
 
 def run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoints, history: list[dict[str, Any]],
@@ -232,8 +281,11 @@ def run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoin
         step = resume["step"]
     accum = config.grad_accum
     tokens_per_step = phase.tokens_per_item * config.batch_size * accum * accelerator.num_processes
-    bar = _progress(phase, config, accelerator, step)
-    stopped = False
+    bar = _progress(phase, config, accelerator, step, deadline)
+    stopped = converged = False
+    stopping = phase.stopping
+    if stopping is not None and resume is None:
+        stopping.observe(stopping.validate(), phase.params)
 
     def checkpoint() -> Path | None:
         return ckpts.save({**save_state(), "phase": (phase.stage, phase.index), "step": step,
@@ -286,19 +338,64 @@ def run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoin
                 checkpoint()
             for cb in callbacks:
                 cb(info)
+            if stopping is not None and step % stopping.every == 0:
+                value = stopping.validate()
+                history.append({"stage": phase.stage, "phase": phase.index, "step": step, "heldout": value})
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {total:.4g}, held-out {value:.4g}")
+                if stopping.observe(value, phase.params):
+                    converged = True
+                    break
     finally:
         if bar is not None:
             bar.close()
-    return PhaseResult(step, stopped, time.perf_counter() - start, step * tokens_per_step)
+    if stopping is not None:
+        if not converged and step % stopping.every:
+            stopping.observe(stopping.validate(), phase.params)
+        stopping.restore_best(phase.params)
+    return PhaseResult(step, stopped, time.perf_counter() - start, step * tokens_per_step, converged,
+                       list(stopping.checks) if stopping is not None else [])
 
 
-def _progress(phase: Phase, config: DistillConfig, accelerator, initial: int):
+def nan_locator(model: nn.Module, ids_fn: Callable[[], torch.Tensor]) -> Callable[[dict], str | None]:
+    """Re-run the failing batch with hooks; the first attention / decoder layer whose output is not finite."""
+    def locate(_: dict) -> str | None:
+        units = [n for n, m in model.named_modules() if n.endswith(("self_attn", "attn", "attention"))
+                 or n.rpartition(".")[2].isdigit()]
+        found: list[str] = []
+        hooks = []
+        mods = dict(model.named_modules())
+
+        def hook_for(name):
+            def hook(module, args, out):
+                t = out[0] if isinstance(out, tuple) else out
+                if not found and isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
+                    found.append(name)
+            return hook
+
+        for n in units:
+            hooks.append(mods[n].register_forward_hook(hook_for(n)))
+        try:
+            with torch.no_grad():
+                model(input_ids=ids_fn(), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return found[0] if found else None
+
+    return locate
+
+
+def _progress(phase: Phase, config: DistillConfig, accelerator, initial: int, deadline: float | None = None):
     if not config.progress or not accelerator.is_main_process:
         return None
     from tqdm.auto import tqdm
 
     label = "attention transfer" if phase.stage == "transfer" else "LoRA distillation"
-    return tqdm(total=phase.steps, initial=initial, desc=f"{label} ({phase.name})", unit="step", leave=False)
+    budget = "" if deadline is None else f", budget {max(deadline - time.perf_counter(), 0) / 60:.1f} min"
+    cap = "≤ " if phase.stopping is not None or deadline is not None else ""
+    return tqdm(total=phase.steps, initial=initial, desc=f"{label} ({phase.name}{budget}, {cap}{phase.steps} steps)",
+                unit="step", leave=False)
 
 
 def _stop_non_finite(phase: Phase, step: int, parts: dict[str, float], ckpts: Checkpoints, what: str,
@@ -371,5 +468,7 @@ def nullcontext():
     yield
 
 
-__all__ = ["DistillError", "make_accelerator", "DataOrder", "Checkpoints", "Phase", "run_phase", "save_curves",
+__all__ = ["DistillError", "make_accelerator", "DataOrder", "Checkpoints", "Phase", "EarlyStopping", "run_phase",
+           "nan_locator",
+           "save_curves",
            "seed_everything", "rng_state", "set_rng_state"]

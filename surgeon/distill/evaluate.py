@@ -176,7 +176,7 @@ def generation_agreement(student: nn.Module, teacher: nn.Module, windows: torch.
     return same / max(total, 1)
 
 
-def _exact(model: nn.Module, ids: torch.Tensor, answer_start: int) -> bool:
+def exact_continuation(model: nn.Module, ids: torch.Tensor, answer_start: int) -> bool:
     """Teacher-forced greedy: every answer token (from ``answer_start``) is the argmax of the previous position."""
     logits = _logits(model, ids[None])[0]
     pred = logits[answer_start - 1:-1].argmax(-1)
@@ -265,12 +265,12 @@ def evaluate(model: nn.Module, tokenizer: Any = None, *, teacher: nn.Module | No
             trials = make_mqar_trials(tokenizer, vocab, mqar_pairs, mqar_trials, seed)
             result.mqar = {"n_pairs": mqar_pairs, "trials": mqar_trials}
             for role, m in zip(("student", "teacher"), models):
-                result.mqar[role] = sum(_exact(m, ids, a) for ids, a in trials) / len(trials)
+                result.mqar[role] = sum(exact_continuation(m, ids, a) for ids, a in trials) / len(trials)
             haystack = windows if tokenizer is None else held_out_windows(tokenizer, context, n_windows, data)
             per_depth = make_niah_trials(tokenizer, haystack, niah_context, list(niah_depths), niah_trials, seed, vocab)
             result.niah = {"context": niah_context, "depths": list(niah_depths), "trials": niah_trials}
             for role, m in zip(("student", "teacher"), models):
-                result.niah[role] = [sum(_exact(m, ids, a) for ids, a in trials) / len(trials)
+                result.niah[role] = [sum(exact_continuation(m, ids, a) for ids, a in trials) / len(trials)
                                      for trials in per_depth]
     if out_dir is not None:
         result.save(out_dir)

@@ -65,7 +65,7 @@ def test_stage1_reduces_transfer_mse_and_trains_only_new_parameters(mode, block)
     model, _ = linearized(3)
     frozen = projections(model)
     others = {n: p.detach().clone() for n, p in model.named_parameters()
-              if not any(k in n for k in ("feature_q", "feature_k", "window_logit"))}
+              if not any(k in n for k in ("feature_q", "feature_k", "window_logit", "linear_log_weight"))}
     data = tokens(16)
     new = {n: p.detach().clone() for n, p in model.named_parameters() if n not in others}
     before = layer_errors(model, data[:4])

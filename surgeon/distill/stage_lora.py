@@ -1,0 +1,87 @@
+"""Stage 2, LoRA knowledge distillation: peft adapters on the attention projections, trained on the KL to the
+teacher's next-token distribution at every position (plus optional next-token cross-entropy).
+
+The teacher is a separate model or, by default, the model itself with adapters disabled and softmax
+attention teacher-forced, so no second copy of the weights is needed.
+
+Example (tiny random model):
+    >>> import torch, transformers, surgeon
+    >>> from surgeon.passes import LinearizeAttention
+    >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    >>> torch.manual_seed(0); model = transformers.LlamaForCausalLM(cfg)  # doctest: +ELLIPSIS
+    <...>
+    >>> s = surgeon.apply(model, LinearizeAttention(window=4))
+    >>> data = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    >>> r = surgeon.distill(s.model, data=data, config=surgeon.DistillConfig(stages=["lora"], seq_len=16,
+    ...                     lora_steps=2, progress=False))
+    >>> r.tokens["lora"]
+    32
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from surgeon.distill import lora as L
+from surgeon.distill.config import DistillConfig
+from surgeon.distill.engine import Phase, nan_locator, run_phase
+
+
+def run_lora(model: nn.Module, packs: torch.Tensor, config: DistillConfig, accelerator, ckpts,
+             history: list[dict[str, Any]], save_state: Callable[[], dict[str, Any]],
+             position: Callable[[str, int], str], ck: dict[str, Any] | None, state: dict[str, Any], callbacks,
+             device: torch.device, teacher: nn.Module | None) -> nn.Module:
+    """Run stage 2; returns the merged model (or the peft model with ``merge=False``)."""
+    start = time.perf_counter()
+    pos = position("lora", 0)
+    peft_model = L.add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, list(config.lora_targets),
+                            config.seed)
+    state["peft"] = peft_model
+    if ck is not None and "lora" in ck and pos in ("resume", "done"):
+        current = L.lora_parameters(peft_model)
+        with torch.no_grad():
+            for n, v in ck["lora"].items():
+                current[n].copy_(v)
+    params = list(L.lora_parameters(peft_model).values())
+    if config.lora_train_feature_maps:
+        params += L.unfreeze_feature_maps(peft_model)
+    for p in params:
+        p.requires_grad_(True)
+    peft_model.train()
+
+    def loss_fn(items):
+        ids = packs[items].to(device)
+        t = L.teacher_logits(peft_model, teacher, ids)
+        s = peft_model(input_ids=ids, use_cache=False).logits
+        parts = {}
+        loss = torch.zeros((), device=device)
+        if config.kd_weight > 0:
+            kd = L.kd_loss(s, t, config.temperature)
+            loss = loss + config.kd_weight * kd
+            parts["kd"] = float(kd.detach())
+        if config.ce_weight > 0:
+            ce = L.next_token_ce(s, ids)
+            loss = loss + config.ce_weight * ce
+            parts["ce"] = float(ce.detach())
+        return loss, parts
+
+    stopped = False
+    if pos != "done" or ck is None or ck["step"] < config.lora_steps:
+        phase = Phase("lora", 0, f"r={config.lora_r} on {'/'.join(config.lora_targets)}", params, packs.shape[0],
+                      loss_fn, config.lora_lr, config.lora_steps, config.seq_len,
+                      locate_nan=nan_locator(peft_model, lambda: packs[:1].to(device)))
+        res = run_phase(phase, config, accelerator, ckpts, history, save_state,
+                        resume=ck if pos == "resume" else None,
+                        deadline=None if config.max_minutes is None else start + config.max_minutes * 60, callbacks=callbacks)
+        stopped = res.stopped_early
+        state["tokens"]["lora"] = res.tokens
+    for p in params:
+        p.requires_grad_(False)
+    state["seconds"]["lora"] = state["seconds"].get("lora", 0.0) + time.perf_counter() - start
+    state.setdefault("stopped", {})["lora"] = stopped
+    state["peft"] = None
+    return L.merge(peft_model) if config.merge else peft_model
