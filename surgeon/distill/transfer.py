@@ -22,7 +22,7 @@ Example:
     >>> [name for name, _ in linear_units(model)]
     ['model.layers.0.self_attn', 'model.layers.1.self_attn']
     >>> sorted({n.split(".")[0] for n in new_parameters(linear_units(model)[0][1])})
-    ['feature_k', 'feature_q', 'window_logit']
+    ['feature_k', 'feature_q', 'linear_log_weight', 'window_logit']
     >>> type(original_attention(model, 'model.layers.1.self_attn')).__name__
     'LlamaAttention'
 """
