@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from surgeon.core.config import PassConfig
+from surgeon.core.config import TracedSelection
 from surgeon.core.errors import ConfigError
 
 Calibration = Callable | list | tuple | None
 
 
 @dataclass(kw_only=True)
-class LinearizerSandwich(PassConfig):
+class LinearizerSandwich(TracedSelection):
     """Replace layers by Linearizers ``g_y⁻¹(A g_x(x))``: exact where possible, else fitted to calibration data.
 
     Args:
@@ -55,11 +55,6 @@ class LinearizerSandwich(PassConfig):
     kernel_size: int = 1
     seed: int = 0
     calibration: Calibration = None
-    targets: str | list[str] | None = None
-    exclude: str | list[str] | None = None
-    filter_fn: Callable | None = None
-    leaf_modules: list[str] | tuple[str, ...] = ()
-    leaf_fn: Callable | None = None
 
     def check(self) -> None:
         if not 0.0 <= self.threshold <= 1.0 and self.threshold != float("inf"):

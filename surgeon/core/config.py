@@ -20,7 +20,7 @@ import collections.abc
 import dataclasses
 import types
 import typing
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Any, Callable, ClassVar, Literal, Union, get_args, get_origin
 
 from surgeon.core.errors import ConfigError
 
@@ -148,3 +148,31 @@ class PassConfig:
         config = cls(**kwargs)
         config.validate()
         return config
+
+
+@dataclasses.dataclass(kw_only=True)
+class SiteSelection(PassConfig):
+    """The fields of a pass that chooses among its sites (see :mod:`surgeon.core.selectors`).
+
+    Args:
+        targets: names (exact or dotted suffix) or one regular expression; ``None`` = every site.
+        exclude: the same rules, to drop sites.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` has the last word (runtime only, not saved).
+    """
+
+    targets: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    filter_fn: Callable | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class TracedSelection(SiteSelection):
+    """:class:`SiteSelection` for passes that trace the model with ``torch.fx``.
+
+    Args:
+        leaf_modules: module names (or types' names) traced as opaque calls; their insides are not rewritten.
+        leaf_fn: ``leaf_fn(module, fqn) -> bool`` for more leaves (runtime only, not saved).
+    """
+
+    leaf_modules: list[str] | tuple[str, ...] = ()
+    leaf_fn: Callable | None = None
