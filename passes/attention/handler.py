@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from surgeon.core.errors import ConfigError, PlanError
 from surgeon.fx.tracing import get_submodule, set_submodule
-from surgeon.core.handler import PassContext, PassHandler, match_recorded, register_pass
+from surgeon.core.handler import PassContext, PassHandler, choose_sites, register_pass
 from surgeon.passes.attention.checks import check_modules, linearized_modules, match_original, unwrap_peft
 from surgeon.passes.attention.config import LinearizeAttention
 from surgeon.passes.attention.costs import AttentionShape, cost_rows
@@ -33,7 +33,6 @@ from surgeon.passes.attention.layout import (
     module_types,
 )
 from surgeon.core.report import Report, format_table
-from surgeon.core.selectors import select_sites
 from surgeon.core.sites import Plan, Site
 
 REPORT_CONTEXTS = (1024, 8192, 32768)
@@ -98,13 +97,8 @@ class LinearizeAttentionHandler(PassHandler):
             layer = layer_index(fqn, lay, position)
             sites.append(Site(name=fqn, base=fqn, kind="module", op=type(get_submodule(model, fqn)).__name__,
                               scope=fqn.rpartition(".")[0], data={"layer": layer}))
-        if ctx.recorded_sites is not None:
-            chosen = match_recorded(sites, ctx.recorded_sites, config.pass_name)
-        else:
-            chosen = self._select_layers(sites, config)
-            chosen = select_sites(chosen, config.targets, config.exclude, config.filter_fn,
-                                  resolve_module=lambda s: get_submodule(model, s.name),
-                                  what="attention module")
+        chosen = choose_sites(sites, config, ctx, resolve_module=lambda s: get_submodule(model, s.name),
+                              what="attention module", narrow=lambda s: self._select_layers(s, config))
         layouts = dict(found)
         picked = [(s.name, layouts[s.name]) for s in chosen]
         layouts.update(check_modules(model, picked, config.window, verify=True,
