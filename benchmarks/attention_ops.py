@@ -99,16 +99,20 @@ def run_case(kind: str, window: int, T: int, form: str, chunk: int, q, k, v) -> 
         return timed(fn)
 
 
-def plan(lengths: list[int], max_quadratic: int, max_recurrent: int) -> list[tuple]:
+def plan(lengths: list[int], max_quadratic: int, max_recurrent: int,
+         forms: tuple[str, ...] = ("sdpa", "chunked", "parallel", "recurrent")) -> list[tuple]:
     cases = []
     for T in lengths:
-        cases.append(("-", 0, T, "sdpa", 0))
+        if "sdpa" in forms:
+            cases.append(("-", 0, T, "sdpa", 0))
         for kind in ("hedgehog", "elu1"):
             for window in (0, 64):
-                for chunk in CHUNKS:
-                    cases.append((kind, window, T, "chunked", chunk))
-                cases.append((kind, window, T, "parallel", 0))
-                cases.append((kind, window, T, "recurrent", 0))
+                if "chunked" in forms:
+                    for chunk in CHUNKS:
+                        cases.append((kind, window, T, "chunked", chunk))
+                for form in ("parallel", "recurrent"):
+                    if form in forms:
+                        cases.append((kind, window, T, form, 0))
     return [(*c, (c[3] == "parallel" and c[2] > max_quadratic) or (c[3] == "recurrent" and c[2] > max_recurrent))
             for c in cases]
 
@@ -143,6 +147,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--max-quadratic", type=int, default=4096, help="longest length for the parallel form")
     parser.add_argument("--max-recurrent", type=int, default=16384, help="longest length for the recurrent form")
+    parser.add_argument("--forms", nargs="+", default=["sdpa", "chunked", "parallel", "recurrent"],
+                        choices=["sdpa", "chunked", "parallel", "recurrent"])
+    parser.add_argument("--name", default="attention_ops", help="file stem of the JSON / PNG written to --out")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -150,8 +157,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = {T: inputs(T, g) for T in args.lengths}
     rows = []
-    for kind, window, T, form, chunk, skip in tqdm(plan(args.lengths, args.max_quadratic, args.max_recurrent),
-                                                    desc="attention ops"):
+    for kind, window, T, form, chunk, skip in tqdm(plan(args.lengths, args.max_quadratic, args.max_recurrent,
+                                                         tuple(args.forms)), desc="attention ops"):
         row = {"feature_map": kind, "window": window, "T": T, "form": form, "chunk": chunk or None}
         if skip:
             rows.append({**row, "ms": None, "GFLOP/s": None, "vs matmul": None, "vs same-size matmul": None,
@@ -165,7 +172,8 @@ def main() -> None:
                      "vs same-size matmul": rate / same_size_matmul_gflops(work), "note": ""})
     sdpa = {r["T"]: r["ms"] for r in rows if r["form"] == "sdpa"}
     for r in rows:
-        r["speed-up vs sdpa"] = sdpa[r["T"]] / r["ms"] if r["ms"] else None
+        r["speed-up vs sdpa"] = sdpa[r["T"]] / r["ms"] if r["ms"] and r["T"] in sdpa else None
+    growth = linear_time(rows)
     columns = ["feature_map", "window", "T", "form", "chunk", "ms", "GFLOP/s", "vs matmul", "vs same-size matmul",
                "speed-up vs sdpa", "note"]
     table = Report(f"attention ops (fp32, batch 1, 9 q / 3 kv heads, D=64; {torch.get_num_threads()} threads; "
@@ -179,14 +187,30 @@ def main() -> None:
     print("\nmedian fraction of same-size matmul GFLOP/s by chunk size:")
     for key, per_chunk in best.items():
         print(" ", key, {c: round(statistics.median(v), 3) for c, v in per_chunk.items()})
+    if growth:
+        print("\nlinear time: chunked-form time at the longest length / at a quarter of it (target <= 4.5):")
+        for g in growth:
+            print(" ", g)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "attention_ops.json").write_text(json.dumps(
+    (out / f"{args.name}.json").write_text(json.dumps(
         {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops": peak,
-         "same_size_matmul_gflops": {str(n): g for n, g in sorted(_SAME_SIZE.items())}, "rows": rows},
-        indent=2))
-    plot(rows, out / "attention_ops.png")
-    print(f"\nwrote {out / 'attention_ops.json'} and {out / 'attention_ops.png'}")
+         "forms": args.forms, "same_size_matmul_gflops": {str(n): g for n, g in sorted(_SAME_SIZE.items())},
+         "linear_time": growth, "rows": rows}, indent=2))
+    plot(rows, out / f"{args.name}.png")
+    print(f"\nwrote {out / f'{args.name}.json'} and {out / f'{args.name}.png'}")
+
+
+def linear_time(rows: list[dict]) -> list[dict]:
+    """For each chunked setting: time at the longest length over time at a quarter of that length (4 = linear)."""
+    out = []
+    for key in sorted({(r["feature_map"], r["window"], r["chunk"]) for r in rows if r["form"] == "chunked"}):
+        ms = {r["T"]: r["ms"] for r in rows if r["form"] == "chunked" and (r["feature_map"], r["window"], r["chunk"]) == key}
+        top = max(ms)
+        if top // 4 in ms and ms[top] and ms[top // 4]:
+            out.append({"feature_map": key[0], "window": key[1], "chunk": key[2], "T": top,
+                        "ratio_vs_quarter": ms[top] / ms[top // 4]})
+    return out
 
 
 if __name__ == "__main__":
