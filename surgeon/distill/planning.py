@@ -1,0 +1,118 @@
+"""Hybrid planning under a decode-state budget: which window, and which layers stay softmax attention.
+
+The per-layer cost of a configuration is measured, not guessed: for each candidate window the
+attention-transfer error of every layer (linear hybrid vs the original softmax output) is measured
+on a few sequences, and a layer kept as softmax costs nothing in error but its whole KV cache at the
+budget's context. ``plan_hybrid`` returns every configuration that fits the budget, best first (the
+lowest total transfer error), and a clear error listing the closest options when none fits.
+
+Example:
+    >>> errors = {64: {0: 0.5, 1: 2.0}, 128: {0: 0.3, 1: 1.0}}
+    >>> state = lambda window, softmax_layers: 1000 * window + 100_000 * len(softmax_layers)
+    >>> best = plan_hybrid(errors, state, budget_bytes=150_000)[0]
+    >>> best.window, best.softmax_layers, best.state_bytes
+    (128, (), 128000)
+    >>> plan_hybrid(errors, state, budget_bytes=10_000)
+    Traceback (most recent call last):
+    ...
+    surgeon.core.errors.ConfigError: no hybrid configuration fits a decode state of 10,000 bytes; the closest: window 64, softmax layers [] (64,000 bytes, transfer error 2.5); window 128, softmax layers [] (128,000 bytes, transfer error 1.3); window 64, softmax layers [1] (164,000 bytes, transfer error 0.5)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from surgeon.core.apply import apply
+from surgeon.core.errors import ConfigError
+from surgeon.distill.transfer import layer_errors, linear_units
+from surgeon.passes.attention.config import LinearizeAttention
+
+StateFn = Callable[[int, tuple[int, ...]], int]
+
+
+@dataclass(frozen=True)
+class HybridOption:
+    """One configuration: the window, the layers left as softmax, its decode-state bytes and total transfer error."""
+
+    window: int
+    softmax_layers: tuple[int, ...]
+    state_bytes: int
+    error: float
+
+    def describe(self) -> str:
+        return (f"window {self.window}, softmax layers {list(self.softmax_layers)} "
+                f"({self.state_bytes:,} bytes, transfer error {self.error:.3g})")
+
+
+def plan_hybrid(errors: dict[int, dict[int, float]], state_bytes: StateFn, budget_bytes: int,
+                max_softmax_layers: int = 4) -> list[HybridOption]:
+    """Configurations within ``budget_bytes``, lowest total transfer error first.
+
+    ``errors[window][layer]``: measured transfer error of each layer at each candidate window;
+    ``state_bytes(window, softmax_layers)``: the decode state of that configuration (at the
+    budget's context, since softmax layers' KV caches grow with it). For each window the layers
+    kept as softmax are the ones with the largest error (up to ``max_softmax_layers``).
+    """
+    if not errors:
+        raise ConfigError("plan_hybrid: no measured transfer errors (errors[window][layer]) to plan from")
+    options = []
+    for window, per_layer in sorted(errors.items()):
+        ranked = sorted(per_layer, key=per_layer.get, reverse=True)
+        for k in range(0, min(max_softmax_layers, len(ranked)) + 1):
+            kept = tuple(sorted(ranked[:k]))
+            error = sum(e for layer, e in per_layer.items() if layer not in kept)
+            options.append(HybridOption(window, kept, int(state_bytes(window, kept)), error))
+    fits = sorted((o for o in options if o.state_bytes <= budget_bytes), key=lambda o: (o.error, o.state_bytes))
+    if not fits:
+        closest = sorted(options, key=lambda o: o.state_bytes)[:3]
+        raise ConfigError(f"no hybrid configuration fits a decode state of {budget_bytes:,} bytes; the closest: "
+                          + "; ".join(o.describe() for o in closest))
+    return fits
+
+
+def measure_errors(model: nn.Module, packs: torch.Tensor, windows: list[int], **linearize: Any
+                   ) -> dict[int, dict[int, float]]:
+    """Transfer error of every layer at every window, before training: ``errors[window][layer]``.
+
+    Each window converts a copy of ``model`` with ``LinearizeAttention(window=w, **linearize)``
+    (the default linear weight starts the hybrid at sinks + window) and measures each layer's
+    linear-vs-softmax output MSE on ``packs``.
+    """
+    errors: dict[int, dict[int, float]] = {}
+    for window in windows:
+        converted = apply(model, LinearizeAttention(window=window, **linearize)).model
+        by_name = layer_errors(converted, packs)
+        index = {name: unit.layer_idx for name, unit in linear_units(converted)}
+        errors[window] = {index[name]: err for name, err in by_name.items()}
+    return errors
+
+
+def state_bytes_fn(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, features: int, sinks: int,
+                   context: int, dtype_bytes: int = 4) -> StateFn:
+    """Decode-state bytes of a hybrid configuration at ``context`` tokens (batch 1), for :func:`plan_hybrid`.
+
+    A linear layer holds its fp32 recurrent state, the window's last w − 1 and the sinks' keys and
+    values; a softmax layer its KV cache of ``context`` tokens.
+    """
+    def state(window: int, softmax_layers: tuple[int, ...]) -> int:
+        kv_token = 2 * n_kv_heads * head_dim * dtype_bytes
+        linear = n_heads * features * (head_dim + 1) * 4 + (max(window - 1, 0) + sinks) * kv_token
+        n_soft = len(softmax_layers)
+        return (n_layers - n_soft) * linear + n_soft * context * kv_token
+    return state
+
+
+def pareto(options: list[HybridOption]) -> list[HybridOption]:
+    """The options no other beats on both state bytes and error, by increasing state."""
+    front, best = [], float("inf")
+    for o in sorted(options, key=lambda o: (o.state_bytes, o.error)):
+        if o.error < best:
+            front.append(o)
+            best = o.error
+    return front
+
+
+__all__ = ["HybridOption", "plan_hybrid", "pareto", "measure_errors", "state_bytes_fn"]

@@ -1,0 +1,44 @@
+"""Hybrid planning under a decode-state budget, from transfer errors measured on a real (tiny) model."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from surgeon.core.errors import ConfigError
+from surgeon.distill.planning import measure_errors, pareto, plan_hybrid, state_bytes_fn
+
+
+def tiny_llama(layers: int = 3) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_plan_fits_the_budget_and_prefers_lower_measured_error():
+    model = tiny_llama()
+    packs = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(0))
+    errors = measure_errors(model, packs, [4, 16], feature_map="elu1", sinks=2)
+    assert set(errors) == {4, 16} and set(errors[4]) == {0, 1, 2}
+    # a longer window leaves fewer pairs to the (untrained) linear branch: less error in every layer
+    assert all(errors[16][layer] < errors[4][layer] for layer in errors[4])
+    state = state_bytes_fn(3, 4, 2, 8, 8, sinks=2, context=1024)
+    budget = state(16, ())
+    plans = plan_hybrid(errors, state, budget)
+    assert all(p.state_bytes <= budget for p in plans)
+    assert plans[0].window == 16 and plans[0].softmax_layers == ()
+    assert plans[0].error == pytest.approx(sum(errors[16].values()))
+    generous = plan_hybrid(errors, state, state(16, (0, 1, 2)))
+    assert generous[0].error == 0.0 and generous[0].softmax_layers == (0, 1, 2)   # all softmax: exact
+    front = pareto(generous)
+    assert [o.state_bytes for o in front] == sorted(o.state_bytes for o in front)
+    assert [o.error for o in front] == sorted((o.error for o in front), reverse=True)
+
+
+def test_a_budget_nothing_meets_lists_the_closest_options():
+    errors = {4: {0: 1.0, 1: 2.0}, 8: {0: 0.5, 1: 1.0}}
+    state = state_bytes_fn(2, 4, 2, 8, 8, sinks=2, context=1024)
+    with pytest.raises(ConfigError, match=r"no hybrid configuration fits a decode state of 10 bytes; the closest: "
+                                          r"window 4, softmax layers \[\]"):
+        plan_hybrid(errors, state, 10)
