@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from surgeon.fx import patterns as graph_patterns
 from surgeon.core.errors import ConfigError, PlanError
-from surgeon.core.modules import get_submodule, set_submodule
+from surgeon.core.modules import find_submodule, get_submodule, set_submodule
 from surgeon.fx.tracing import SurgeonUnit, node_scope, node_shape, propagate_shapes, trace
 from surgeon.ops.activation import (
     BinaryMaskedReLU,
@@ -68,7 +68,7 @@ def _replace_inplace_aliases(gm: fx.GraphModule, node: fx.Node, source: fx.Node,
 
 def place_unit(gm: fx.GraphModule, path: str, unit: nn.Module) -> None:
     """Put ``unit`` at ``path`` in ``gm``, creating empty parents where a captured graph has none."""
-    parent = _owner(gm, path.rpartition(".")[0])
+    parent = find_submodule(gm, path.rpartition(".")[0])
     if parent is not None:
         set_submodule(gm, path, unit)
     elif not gm.add_submodule(path, unit):
@@ -297,13 +297,6 @@ def relu_sites(gm: fx.GraphModule, offsets: Counter[str] | None = None) -> list[
     return sites
 
 
-def _owner(gm: fx.GraphModule, path: str) -> nn.Module | None:
-    try:
-        return get_submodule(gm, path)
-    except AttributeError:
-        return None
-
-
 def _unit_owner_and_leaf(site: Site) -> tuple[str, str]:
     """A new unit's owner module and leaf name: ``scope.relu_1`` for a functional call, ``relu_0``,
     ``relu_1``... beside a module called several times."""
@@ -330,11 +323,7 @@ def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site], modules_called: Co
 
 
 def _resolve(gm: fx.GraphModule, site: Site) -> nn.Module | None:
-    path = site.base if site.data.get("call") == "module" else site.scope
-    try:
-        return get_submodule(gm, path)
-    except AttributeError:
-        return None
+    return find_submodule(gm, site.base if site.data.get("call") == "module" else site.scope)
 
 
 @register_pass(LinearizeReLU)
@@ -480,7 +469,7 @@ class FinalizeReLUHandler(GraphHandler):
         return "FinalizeReLU found no MaskedReLU unit: apply LinearizeReLU first."
 
     def resolve(self, gm: fx.GraphModule, site: Site) -> nn.Module | None:
-        return _owner(gm, site.data["unit"])
+        return find_submodule(gm, site.data["unit"])
 
     def rewrite_site(self, gm: fx.GraphModule, node: fx.Node, site: Site, unit: nn.Module | None,
                      plan: Plan) -> None:

@@ -25,6 +25,14 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
+def find_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at dotted ``path``, or None when there is none."""
+    try:
+        return get_submodule(root, path)
+    except AttributeError:
+        return None
+
+
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     """Put ``module`` at dotted ``path`` (replacing what is there)."""
     parent_path, _, leaf = path.rpartition(".")

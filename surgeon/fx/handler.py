@@ -37,7 +37,7 @@ import torch.nn as nn
 from surgeon.core.errors import PlanError
 from surgeon.core.handler import PassContext, PassHandler, choose_sites
 from surgeon.core.config import PassConfig
-from surgeon.core.modules import get_submodule
+from surgeon.core.modules import find_submodule
 from surgeon.core.sites import Plan, Site
 from surgeon.fx import patterns
 from surgeon.fx.tracing import finish_graph, trace
@@ -62,10 +62,7 @@ class GraphHandler(PassHandler):
 
     def resolve(self, gm: fx.GraphModule, site: Site) -> nn.Module | None:
         """The module ``filter_fn(module, fqn)`` receives for a site (its scope by default)."""
-        try:
-            return get_submodule(gm, site.scope)
-        except AttributeError:
-            return None
+        return find_submodule(gm, site.scope)
 
     def state(self, gm: fx.GraphModule, found: list[Site]) -> dict[str, Any]:
         """Plan state known as soon as the sites are found (also for an empty plan)."""

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from surgeon.core.modules import free_attr_name, get_submodule
+from surgeon.core.modules import find_submodule, free_attr_name
 from surgeon.core.sites import Site
 
 __all__ = ["place_units", "path_is_free"]
@@ -37,13 +37,6 @@ def path_is_free(root: nn.Module, path: str) -> bool:
     return False
 
 
-def _owner(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return get_submodule(root, path)
-    except AttributeError:
-        return None
-
-
 def place_units(root: nn.Module, sites: list[Site], *,
                 owner_and_leaf: Callable[[Site], tuple[str, str]],
                 preferred: Callable[[Site, set[str]], str | None] | None = None) -> None:
@@ -54,7 +47,7 @@ def place_units(root: nn.Module, sites: list[Site], *,
         path = preferred(site, taken) if preferred is not None else None
         if path is None:
             owner_path, leaf = owner_and_leaf(site)
-            owner = _owner(root, owner_path)
+            owner = find_submodule(root, owner_path)
             candidate = free_attr_name(owner, leaf) if owner is not None else leaf
             while (f"{owner_path}.{candidate}" if owner_path else candidate) in taken:
                 candidate = free_attr_name(owner, candidate + "_") if owner is not None else candidate + "_"
