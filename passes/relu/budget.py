@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from surgeon.core.errors import ConfigError, PlanError
 from surgeon.ops.activation import MaskedReLU, activation
 from surgeon.ops.losses import distillation_kl
+from surgeon.passes.relu.calibration import linear_fraction
 from surgeon.ops.poly_units import MaskedPolyReLU, least_squares_coef
 from surgeon.core.report import Report
 
@@ -406,8 +407,6 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Any, config: BudgetSear
 
 
 def _calibration_scores(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
-    from surgeon.passes.relu.calibration import linear_fraction
-
     names = {n: getattr(m, "site_name", n) for n, m in model.named_modules() if isinstance(m, MaskedReLU)}
     frac = linear_fraction(model, [b[0] for b in batches])
     return {names[k]: 1.0 - v for k, v in frac.items()}

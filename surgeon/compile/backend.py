@@ -60,6 +60,8 @@ from surgeon.fx import patterns as graph_patterns
 from surgeon.core.config import PassConfig
 from surgeon.core.errors import ConfigError, RecipeError, SurgeonError
 from surgeon.core.handler import PassContext, handler_for
+from surgeon.core.persist import WEIGHTS_FILE, load_recipe
+from surgeon.core.recipe import first_mismatch, fingerprint
 from surgeon.core.report import Report, ReportGroup
 from surgeon.core.sites import Site
 
@@ -157,8 +159,6 @@ class _RecipeWeights:
     """A ``surgeon.save`` directory: its recipe and lazy access to ``model.safetensors``."""
 
     def __init__(self, directory: str | Path) -> None:
-        from surgeon.core.persist import WEIGHTS_FILE, load_recipe
-
         self.directory = Path(directory)
         self.recipe = load_recipe(self.directory)
         self.weights = self.directory / WEIGHTS_FILE
@@ -233,8 +233,6 @@ class SurgeonBackend:
         self.recompile_warn = recompile_warn
         self.module_ids = {str(id(m)): name for name, m in model.named_modules()} if model is not None else None
         if model is not None and self.recipe is not None:
-            from surgeon.core.recipe import first_mismatch, fingerprint
-
             mismatch = first_mismatch(self.recipe.recipe.base, fingerprint(model))
             if mismatch:
                 raise RecipeError(f"recipe {self.recipe.directory} does not fit this model: {mismatch}")

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from surgeon.core.config import PassConfig
 from surgeon.core.errors import RecipeError
+from surgeon.core.registry import config_class
 from surgeon.core.sites import Site
 
 FORMAT = "surgeon.core.recipe/1"
@@ -91,8 +92,6 @@ class RecipeEntry:
         return cls(d["pass"], d["config"], [Site.from_dict(s) for s in d["sites"]])
 
     def build_config(self) -> PassConfig:
-        from surgeon.core.handler import config_class
-
         try:
             return config_class(self.pass_name).from_dict(self.config)
         except RecipeError:
