@@ -181,3 +181,12 @@ def test_peft_wrapped_model_is_converted_with_its_lora_layers():
         ref, got = wrapped(input_ids=_ids(20)).logits, s.model(input_ids=_ids(20)).logits
     assert (got - ref).abs().max() <= 1e-5
     assert (ref - base).abs().max() > 1e-3    # the adapter changes the output, and the conversion kept it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_new_parameters_of_a_cuda_model_are_on_cuda():
+    model = _build(transformers.LlamaConfig, transformers.LlamaForCausalLM).cuda()
+    s = surgeon.apply(model, LinearizeAttention(feature_map="hedgehog", window=8, gate="learned"))
+    assert {p.device.type for p in s.model.parameters()} == {"cuda"}
+    with torch.no_grad():
+        assert torch.isfinite(s.model(_ids(16).cuda()).logits).all()
