@@ -2,6 +2,8 @@
 
     surgeon export-hf out/s --out out/hf [--overwrite]
 
+Also registers ``surgeon eval`` (:mod:`surgeon.cli.eval_cmd`).
+
 Example:
     >>> p = build_parser_for_test()
     >>> p.parse_args(["export-hf", "out/s", "--out", "out/hf"]).out
@@ -42,6 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, modeling files)")
     p.add_argument("--overwrite", action="store_true", help="replace a folder that holds another model")
     p.set_defaults(func=cmd_export_hf)
+
+    from surgeon.cli.eval_cmd import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
 
 
 def build_parser_for_test() -> argparse.ArgumentParser:
