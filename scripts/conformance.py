@@ -59,6 +59,10 @@ FAMILY_KWARGS: dict[str, dict[str, Any]] = {  # features off by default that the
     "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"], **SMALL_MAMBA),
     "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"] * 2),
     "lfm3": dict(layer_types=["conv", "full_attention"] * 2),
+    "gptj": dict(rotary_dim=8), "codegen": dict(rotary_dim=8),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]], window_size=TOKENS + NEW_TOKENS),
+    "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16),
+    "roc_bert": dict(pronunciation_vocab_size=32, shape_vocab_size=32),
 }
 
 
@@ -84,7 +88,7 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
     while True:
         try:
             return cls(**kw)
-        except TypeError as e:
+        except (TypeError, AttributeError) as e:  # unknown keyword, or a read-only property (Falcon's head_dim)
             bad = [k for k in kw if f"'{k}'" in str(e)]
             if not bad:
                 raise
