@@ -63,7 +63,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feat
     """
     check_choice("form", form, CAUSAL_FORMS)
     capturing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    if form == "chunked" and q.shape[2] > BLOCK_TOKENS and not capturing:
+    if form == "chunked" and not capturing and q.shape[2] > BLOCK_TOKENS:   # no shape guard when captured
         return _in_blocks(q, k, v, feature_q, feature_k, scale=scale, window=window, window_weight=window_weight,
                           linear_weight=linear_weight, log_decay=log_decay, key_mask=key_mask, past_k=past_k,
                           past_v=past_v, state=state, sinks=sinks, sink_state=sink_state, chunk_size=chunk_size,
