@@ -6,6 +6,8 @@ Example:
     >>> cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, sliding_window=16,
     ...                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
     >>> model = transformers.MistralForCausalLM(cfg)
+    >>> check_modules(model, find_attention_modules(model), window=16)[1] is None   # probed: nothing to correct
+    True
     >>> check_modules(model, find_attention_modules(model), window=32, verify=False)
     Traceback (most recent call last):
     ...
@@ -57,8 +59,10 @@ def linearized_modules(model: nn.Module) -> list[str]:
 
 
 def check_modules(model: nn.Module, found: list[tuple[str, AttentionLayout]], window: int,
-                  verify: bool = True, layer_of: dict[str, int] | None = None) -> dict[str, AttentionLayout]:
-    """Raise ConfigError naming every module that would not be converted exactly; return layouts the probe corrected.
+                  verify: bool = True, layer_of: dict[str, int] | None = None
+                  ) -> tuple[dict[str, AttentionLayout], str | None]:
+    """Raise ConfigError naming every module that would not be converted exactly; return the layouts the probe
+    corrected and why nothing was probed (None when the probe ran).
 
     Structural reasons first (unknown submodules, own parameters, soft-capping…), then the model's own
     sliding window against ``window``, then (``verify``) the numerical probe of :mod:`attention_probe`.
@@ -79,18 +83,19 @@ def check_modules(model: nn.Module, found: list[tuple[str, AttentionLayout]], wi
         if why:
             reasons[fqn] = why
     corrected: dict[str, AttentionLayout] = {}
+    unverified = None if verify else "not asked for"
     if verify and not reasons:
         from surgeon.passes.attention.probe import probe_attention
 
         result = probe_attention(model, found, layer_of)
         reasons.update({fqn: [why] for fqn, why in result.mismatches.items()})
-        corrected = result.layouts
+        corrected, unverified = result.layouts, result.skipped
     if reasons:
         lines = [f"  {fqn}: {'; '.join(why)}" for fqn, why in reasons.items()]
         raise ConfigError(f"LinearizeAttention cannot convert {len(reasons)} attention modules exactly:\n"
                           + "\n".join(lines) + "\nLeave these modules out (layers=[...] or exclude=[...]) or change "
                           "the setting named above; the model was not changed.")
-    return corrected
+    return corrected, unverified
 
 
 def match_original(new: nn.Module, original: nn.Module, kept: list[str]) -> None:

@@ -101,10 +101,11 @@ class LinearizeAttentionHandler(PassHandler):
                               what="attention module", narrow=lambda s: self._select_layers(s, config))
         layouts = dict(found)
         picked = [(s.name, layouts[s.name]) for s in chosen]
-        layouts.update(check_modules(model, picked, config.window, verify=True,
-                                     layer_of={s.name: s.data["layer"] for s in chosen}))
+        corrected, unverified = check_modules(model, picked, config.window, verify=True,
+                                              layer_of={s.name: s.data["layer"] for s in chosen})
+        layouts.update(corrected)
         _check_against_model(model, config, [(s.name, layouts[s.name]) for s in chosen])
-        return Plan(chosen, state={"layouts": {s.name: layouts[s.name] for s in chosen}})
+        return Plan(chosen, state={"layouts": {s.name: layouts[s.name] for s in chosen}, "unverified": unverified})
 
     @staticmethod
     def _select_layers(sites: list[Site], config: LinearizeAttention) -> list[Site]:
@@ -176,6 +177,9 @@ class LinearizeAttentionHandler(PassHandler):
         report = Report("LinearizeAttention",
                         ["site", "layer", "replaced", "heads", "head_dim", "features", "window", "gate", "causal",
                          "params_added"], rows, totals={"params_added": sum(r["params_added"] for r in rows)})
+        if plan.state.get("unverified"):
+            report.notes.append(f"not verified numerically at plan time ({plan.state['unverified']}): the swap "
+                                "follows what the modules declare (projections, norms, rotary, windows)")
         if shapes and rows[0]["causal"]:
             costs = cost_rows(shapes, REPORT_CONTEXTS, next(model.parameters()).element_size())
             report.notes.append(f"attention costs of the {len(shapes)} converted layers (batch 1; see "

@@ -98,6 +98,9 @@ REFUSALS = [
      "own sliding window is 8 tokens"),
     ("layer the model lacks", lambda: _build(transformers.LlamaConfig, transformers.LlamaForCausalLM),
      {"layers": [1, 7]}, "[7] out of range"),
+    ("gemma3 local layers' own window", lambda: _build(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                                                       head_dim=8, sliding_window=8), {"window": 12},
+     "model.layers.0.self_attn: the model's own sliding window is 8 tokens"),
     ("relative positions", lambda: _build(transformers.BertConfig, transformers.BertModel,
                                           position_embedding_type="relative_key"), {"window": 8, "local": True},
      "relative position"),
@@ -146,6 +149,7 @@ def test_new_parameters_on_a_meta_model_stay_meta_and_load():
     s = surgeon.apply(meta_model, LinearizeAttention(feature_map="hedgehog", window=4, gate="learned"))
     assert _own_parameters(s.model) and all(p.is_meta for _, p in _own_parameters(s.model))
     assert {p.device.type for p in s.model.parameters()} == {"meta"}
+    assert any("not verified numerically" in n for n in s.report["LinearizeAttention"].notes)
     s.model.to_empty(device="cpu")
     s.model.load_state_dict(real.model.state_dict())
     buffers = dict(real.model.named_buffers())   # non-persistent ones (rotary inv_freq) are not in the state dict
