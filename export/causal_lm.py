@@ -1,11 +1,13 @@
 """Export a linearized causal LM as two ONNX graphs with explicit, constant-size state.
 
-``prefill.onnx``: ``input_ids``, ``attention_mask`` (batch, 64·k tokens, left padding allowed) →
-``logits``, ``state_out.*``. ``decode.onnx``: ``input_ids`` (batch, 1), ``position_ids`` (batch, 1),
-``state_in.*`` → ``logits``, ``state_out.*``. Batch and sequence stay symbolic; the sequence of a
-prefill call is a multiple of the chunk length (64 by default: the chunked form then needs no
-data-dependent padding); :class:`surgeon.export.OnnxGenerator` left-pads prompts to it. Only standard
-ONNX ops: stock onnxruntime runs both graphs.
+``prefill.onnx``: ``input_ids``, ``attention_mask`` (batch, any number of tokens, left padding
+allowed) → ``logits``, ``state_out.*``. ``decode.onnx``: ``input_ids`` (batch, 1), ``position_ids``
+(batch, 1), ``state_in.*`` → ``logits``, ``state_out.*``. Batch and sequence stay symbolic; the prefill
+graph left-pads the prompt to a multiple of the chunk length (64 by default) inside the graph
+(:mod:`surgeon.export.prompt_padding`), so plain onnxruntime clients (lm-eval's ``onnxruntime``
+model) can send prompts as they are. ``last_logits_only=True`` makes ``logits`` ``(batch, 1, vocab)``:
+the last position only (what generation needs). Only standard ONNX ops: stock onnxruntime runs both
+graphs.
 
 Example:
     >>> import torch, transformers, surgeon, surgeon.export
@@ -43,6 +45,7 @@ from surgeon.export.onnx_export import (
     quiet_exporter,
     versions,
 )
+from surgeon.export.prompt_padding import AnyLengthPrefill
 from surgeon.export.stateful_lm import PAST, DecodeLM, PrefillLM, StateLayout
 
 CHUNK = 64
@@ -129,14 +132,15 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
                      chunk: int = CHUNK, opset: int | None = None, overwrite: bool = False,
                      recipe: dict | None = None, ort_optimize: Any = False,
                      save_optimized: bool | str = False,
-                     softmax_only: bool = False) -> ExportResult:
+                     softmax_only: bool = False, last_logits_only: bool = False) -> ExportResult:
     """Write ``prefill.onnx``, ``decode.onnx`` and ``manifest.json`` for a linearized causal LM.
 
     The example used for export is ``batch`` × ``chunks·chunk`` tokens (never reused by verify).
     ``ort_optimize`` / ``save_optimized``: as in :func:`surgeon.export.to_onnx` (onnxruntime levels
     checked against the model and recorded before the files are moved into place). ``softmax_only``:
     export a model with no linearized layer (the original, every layer a KV cache) the same way, so
-    benchmarks compare both models in one runtime.
+    benchmarks compare both models in one runtime. ``last_logits_only``: ``prefill.onnx`` returns
+    the last position's logits only, ``(batch, 1, vocab)`` (default: every position).
     """
     from surgeon.export.onnx_export import ort_optimize_kwargs
 
@@ -150,12 +154,12 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
     dest = _prepare_destination(out_dir)
     try:
         with model_eval_mode(model):
-            graphs = _export_both(model, layout, dest.staging, batch, chunks, chunk, opset, wrap)
+            graphs = _export_both(model, layout, dest.staging, batch, chunks, chunk, opset, wrap, last_logits_only)
         state = [{"name": s.name, "layer": s.layer, "kind": s.kind, "shape": ["batch", *s.shape],
                   "dtype": dtype_name(s.dtype)} for s in layout.specs]
         manifest = Manifest(graphs=graphs, versions=versions(), recipe=recipe, exporter={
             "api": "surgeon.export.export_causal_lm", "dynamo": True, "kind": "causal_lm_stateful",
-            "chunk": chunk, "state": state, "state_bytes_per_sequence": layout.state_bytes(1),
+            "chunk": chunk, "prefill_pads": True, "last_logits_only": last_logits_only, "state": state, "state_bytes_per_sequence": layout.state_bytes(1),
             "softmax_layers": list(layout.softmax_layers), "kv_cache_pad": layout.pad,
             "kv_cache_bytes_per_token": layout.kv_bytes_per_token(1),
             "model_config": config, "export_seconds": round(time.perf_counter() - t0, 3)})
@@ -178,10 +182,10 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
 
 
 def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: int, chunks: int, chunk: int,
-                 opset: int | None, wrap: dict | None = None) -> dict[str, GraphSpec]:
+                 opset: int | None, wrap: dict | None = None, last_only: bool = False) -> dict[str, GraphSpec]:
     vocab = getattr(model.config, "vocab_size", 2)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, chunks * chunk), generator=gen)
+    ids = torch.randint(0, vocab, (batch, chunks * chunk - 3), generator=gen)   # not a chunk multiple: the graph pads
     mask = torch.ones_like(ids)
     mask[0, : chunk // 2] = 0                       # left padding in the example: the mask is a real input
     names = [s.name for s in layout.specs]
@@ -191,15 +195,16 @@ def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: in
         return [{0: "batch", **({s.shape.index(PAST) + 1: past} if s.grows else {})} for s in layout.specs]
 
     b = torch.export.Dim("batch", min=1, max=4096)
-    n_chunks = torch.export.Dim("chunks", min=1, max=8192)
     past = torch.export.Dim("past", min=2, max=2**20)
-    seq = {0: b, 1: chunk * n_chunks}
+    seq = {0: b, 1: torch.export.Dim("sequence", min=2, max=2**20)}
+    prefill_module = AnyLengthPrefill(PrefillLM(model, **(wrap or {})), chunk, last_only)
     prefill = _export_graph(
-        PrefillLM(model, **(wrap or {})), (ids, mask), ["input_ids", "attention_mask"], outs, (seq, seq),
-        [{0: "batch", 1: "sequence"}] * 2, [{0: "batch", 1: "sequence"}] + state_dims("past_out"),
+        prefill_module, (ids, mask), ["input_ids", "attention_mask"], outs, (seq, seq),
+        [{0: "batch", 1: "sequence"}] * 2,
+        [{0: "batch"} if last_only else {0: "batch", 1: "sequence"}] + state_dims("past_out"),
         staging / "prefill.onnx", opset)
     with torch.no_grad():
-        state = list(PrefillLM(model, **(wrap or {}))(ids, mask)[1:])
+        state = list(prefill_module(ids, mask)[1:])
     step_ids = torch.randint(0, vocab, (batch, 1), generator=gen)
     positions = mask.sum(-1, keepdim=True)
     in_names = ["input_ids", "position_ids"] + [n.replace("state.", "state_in.") for n in names]

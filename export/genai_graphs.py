@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from surgeon.core.errors import ExportError
+from surgeon.export.prompt_padding import pad_to_chunk, select_logits
 from surgeon.export.stateful_lm import StatefulLM, StateLayout, StateSpec
 
 PAST_CONV = "past_key_values.%d.conv_state"
@@ -148,17 +149,13 @@ class GenaiPrompt(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, *pairs: Tensor) -> tuple[Tensor, ...]:
         seq = input_ids.shape[1]
         new_mask = attention_mask[:, -seq:]
-        ids, mask = left_align(input_ids, new_mask)
-        padded = (seq + self.chunk - 1) // self.chunk * self.chunk
-        pad = padded - seq
-        ids = torch.nn.functional.pad(ids, (pad, 0))
-        mask = torch.nn.functional.pad(mask, (pad, 0))
+        ids, mask, pad = pad_to_chunk(*left_align(input_ids, new_mask), self.chunk)
         past = attention_mask.shape[1] - seq                                 # tokens before this prompt
         before = attention_mask[:, :past].long().sum(-1, keepdim=True)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + before
         state = self.packing.unpack(*_split(self.packing, pairs))
         logits, *new_state = self.step(ids, mask, positions, *state)
-        logits = logits[:, -1].unsqueeze(1) if self.last_only else logits[:, pad:]   # a fixed 1: genai allocates it
+        logits = select_logits(logits, pad, self.last_only)     # last only: a fixed 1 (genai allocates it)
         return (logits, *_interleave(*self.packing.pack(new_state)))
 
 

@@ -74,15 +74,16 @@ class OnnxGenerator:
     # -- the two graphs ---------------------------------------------------------------------------
     def run_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Left-pad to a multiple of the chunk, run ``prefill.onnx``: (logits, state)."""
+        """Run ``prefill.onnx`` (left-padded to a multiple of the chunk here unless the graph pads itself):
+        (logits, state); logits of the last position only when the export says ``last_logits_only``."""
         ids = torch.as_tensor(input_ids)
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
-        pad = (-ids.shape[1]) % self.chunk
+        pad = 0 if self.manifest.exporter.get("prefill_pads") else (-ids.shape[1]) % self.chunk
         if pad:
             ids = torch.nn.functional.pad(ids, (pad, 0))
             mask = torch.nn.functional.pad(mask, (pad, 0))
         out = self.prefill.run(None, {"input_ids": ids.long().numpy(), "attention_mask": mask.long().numpy()})
-        return out[0][:, pad:], out[1:]
+        return (out[0] if self.manifest.exporter.get("last_logits_only") else out[0][:, pad:]), out[1:]
 
     def run_decode(self, token: np.ndarray, position: np.ndarray, state: list[np.ndarray]
                    ) -> tuple[np.ndarray, list[np.ndarray]]:
