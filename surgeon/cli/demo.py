@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import surgeon
 import surgeon.export
-from surgeon.models import IMAGENET_EXPECTED, efficientnet_lite0, imagenet_batch
+from surgeon.models import IMAGENET_EXPECTED, efficientnet_lite0, held_out_views, imagenet_batch
 from surgeon.passes import FinalizeReLU, LinearizeReLU, linearize_near_linear
 
 DEMO_IMAGES = ("chelsea", "coffee")
@@ -34,6 +34,15 @@ def _top1(logits: torch.Tensor) -> list[dict[str, Any]]:
             for n, i, q in zip(DEMO_IMAGES, idx, p)]
 
 
+def _held_out_agreement(labels: list[str], original: torch.Tensor, linearized: torch.Tensor) -> dict[str, Any]:
+    """Top-1 agreement of the linearized model with the original, and how often each is right, per view."""
+    expected = [IMAGENET_EXPECTED[label.split("/")[0]] for label in labels]
+    return {"views": len(labels), "agreement": float((original == linearized).float().mean()),
+            "original_correct": sum(int(o) in e for o, e in zip(original, expected)) / len(labels),
+            "linearized_correct": sum(int(f) in e for f, e in zip(linearized, expected)) / len(labels),
+            "disagreements": [lab for lab, o, f in zip(labels, original, linearized) if o != f]}
+
+
 def run_demo(out_dir: str | Path = "out/demo", min_fraction: float = 0.95, show: bool = True) -> dict[str, Any]:
     """Run the whole pipeline, write everything under ``out_dir`` and return a JSON-able summary."""
     out = Path(out_dir)
@@ -44,8 +53,10 @@ def run_demo(out_dir: str | Path = "out/demo", min_fraction: float = 0.95, show:
     model = efficientnet_lite0(pretrained=True)
     images = imagenet_batch(DEMO_IMAGES)
     calibration = imagenet_batch(CALIBRATION_IMAGES)
+    views, view_labels = held_out_views(DEMO_IMAGES)      # crops / scales never used for calibration
     with torch.no_grad():
         original = model(images)
+        original_views = model(views).argmax(-1)
     steps.update()
 
     steps.set_postfix_str("LinearizeReLU")
@@ -65,6 +76,11 @@ def run_demo(out_dir: str | Path = "out/demo", min_fraction: float = 0.95, show:
     surgery.recipe.source = {"model": "efficientnet_lite0"}
     with torch.no_grad():
         final = surgery.model(images)
+        final_views = surgery.model(views).argmax(-1)
+    held_out = _held_out_agreement(view_labels, original_views, final_views)
+    log(f"held-out views ({len(view_labels)} corner crops at two other scales + flips, never calibrated on): "
+        f"top-1 agreement with the original {held_out['agreement']:.1%}; correct class: original "
+        f"{held_out['original_correct']:.1%}, linearized {held_out['linearized_correct']:.1%}")
     steps.update()
 
     steps.set_postfix_str("save")
@@ -90,6 +106,7 @@ def run_demo(out_dir: str | Path = "out/demo", min_fraction: float = 0.95, show:
         "relu_count_after": summary["relu_count"]["after"],
         "top1_original": _top1(original),
         "top1_linearized": _top1(final),
+        "held_out_views": held_out,
         "export_seconds": round(exported.seconds, 1),
         "verify": {"passed": check.passed, "max_abs": check.max_abs},
         "out_dir": str(out),

@@ -66,3 +66,34 @@ def imagenet_batch(names: Sequence[str] = ("chelsea", "coffee"), size: int = 224
         top, left = (hs - size) // 2, (ws - size) // 2
         crops.append((x[:, top:top + size, left:left + size] - mean) / std)
     return torch.stack(crops)
+
+
+def held_out_views(names: Sequence[str] = ("chelsea", "coffee"), size: int = 224, shorts: Sequence[int] = (288, 320),
+                   normalize: str = "tf") -> tuple[torch.Tensor, list[str]]:
+    """Views of the photos that :func:`imagenet_batch` (center crop) and its horizontal flip never show.
+
+    For each image and each shorter-side size in ``shorts``: the four corner crops and their
+    horizontal flips (8 views per size), preprocessed as :func:`imagenet_batch`. Returns the batch
+    and a label per view (``"chelsea/288/top-left/flip"``).
+
+    >>> views, labels = held_out_views(["coffee"], shorts=(256,))
+    >>> views.shape, labels[0], labels[-1]
+    (torch.Size([8, 3, 224, 224]), 'coffee/256/top-left', 'coffee/256/bottom-right/flip')
+    """
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in _NORMS[normalize])
+    out, labels = [], []
+    for name in names:
+        x = torch.from_numpy(sample_image(name)).permute(2, 0, 1).float().div_(255)
+        h, w = x.shape[1:]
+        for short in shorts:
+            scale = short / min(h, w)
+            hs, ws = max(size, round(h * scale)), max(size, round(w * scale))
+            r = F.interpolate(x[None], size=(hs, ws), mode="bilinear", antialias=True, align_corners=False)[0]
+            corners = {"top-left": (0, 0), "top-right": (0, ws - size), "bottom-left": (hs - size, 0),
+                       "bottom-right": (hs - size, ws - size)}
+            for flip in (False, True):
+                for corner, (top, left) in corners.items():
+                    crop = (r[:, top:top + size, left:left + size] - mean) / std
+                    out.append(crop.flip(-1) if flip else crop)
+                    labels.append(f"{name}/{short}/{corner}" + ("/flip" if flip else ""))
+    return torch.stack(out), labels

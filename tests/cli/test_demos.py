@@ -15,6 +15,8 @@ def test_efficientnet_demo_linearizes_exports_and_verifies(tmp_path):
     assert result["relu_count_before"] == 6_157_536
     assert 0 < result["relu_count_after"] < result["relu_count_before"] and result["channels_linearized"] > 0
     assert all(t["correct"] for t in result["top1_linearized"])          # the photos keep their classes
+    held = result["held_out_views"]                                      # 32 views never calibrated on
+    assert held["views"] == 32 and held["agreement"] >= 0.9, held
     assert result["verify"]["passed"] and result["verify"]["max_abs"] <= 1e-4
     assert json.loads((tmp_path / "demo.json").read_text())["relu_count_after"] == result["relu_count_after"]
     assert (tmp_path / "onnx" / "manifest.json").is_file() and (tmp_path / "surgery").is_dir()
