@@ -31,8 +31,11 @@ def routes_for(names: Sequence[str], *, surgered: Any, work_dir: str | Path, ori
     if unknown:
         raise ConfigError(f"unknown route(s) {unknown}; use any of {', '.join(ROUTE_NAMES)}")
     work = Path(work_dir)
-    model = getattr(surgered, "model", surgered)            # a Surgery (surgeon.apply's result) or the model
-    recipe = recipe if recipe is not None else getattr(surgered, "recipe", None)
+    from surgeon.core.apply import Surgery
+
+    is_surgery = isinstance(surgered, Surgery)               # surgeon.apply's result, or the model itself
+    model = surgered.model if is_surgery else surgered
+    recipe = recipe if recipe is not None or not is_surgery else surgered.recipe
     routes = []
     for name in names:
         if name == "original":

@@ -76,6 +76,9 @@ def test_local_tasks_and_bad_input(setup, tmp_path, monkeypatch):
     tok, original, surgery = setup
     assert set(TASKS) == set(LOCAL_TASKS)
     routes = routes_for(["surgered"], surgered=surgery, work_dir=tmp_path)
+    assert routes[0].target is surgery.model
+    # a bare *ForCausalLM (has a .model attribute of its own) is the model, not a Surgery
+    assert routes_for(["surgered"], surgered=surgery.model, work_dir=tmp_path)[0].target is surgery.model
     with pytest.raises(ConfigError, match="unknown lm-eval task"):
         evaluate(routes, ["surgeon_no_such_task"], tok, include_path=[tmp_path])
     with pytest.raises(ConfigError, match="unknown route"):
