@@ -151,14 +151,24 @@ def _check(crit: Criterion, case: str, name: str, got: np.ndarray, ref: np.ndarr
     return _comparison(case, crit.check(name, got, ref, tokens=tokens), err)
 
 
-def _weights(path: str | Path, model: nn.Module) -> dict[str, float]:
+def _exported_prefill(gen: OnnxGenerator, model: nn.Module) -> nn.Module:
+    """The module prefill.onnx was exported from (its parameter names are the graph's initializer names)."""
+    prefill = PrefillLM(model)
+    if not gen.manifest.exporter.get("prefill_pads"):
+        return prefill
+    from surgeon.export.prompt_padding import AnyLengthPrefill
+
+    return AnyLengthPrefill(prefill, gen.chunk, bool(gen.manifest.exporter.get("last_logits_only")))
+
+
+def _weights(path: str | Path, prefill: nn.Module, model: nn.Module) -> dict[str, float]:
     """graph:parameter -> max abs difference, for weights the graphs hold with values other than the model's."""
     from surgeon.export.divergence import weight_mismatches
 
     out: dict[str, float] = {}
-    for graph, wrapper in (("prefill", PrefillLM(model)), ("decode", DecodeLM(model))):
+    for graph, wrapper in (("prefill", prefill), ("decode", DecodeLM(model))):
         for w in weight_mismatches(path, wrapper, graph=graph):
-            out[f"{graph}:{w.name.removeprefix('step.model.')}"] = w.max_abs
+            out[f"{graph}:{w.name.removeprefix('prefill.').removeprefix('step.model.')}"] = w.max_abs
     return out
 
 
@@ -191,7 +201,8 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
                             state_bytes_per_sequence=gen.state_bytes(),
                             kv_cache_bytes_per_token=gen.state_bytes(context=1) - gen.state_bytes(),
                             ort_levels=dict(gen.levels))
-    report.weight_mismatches = _weights(path, model)
+    exported_prefill = _exported_prefill(gen, model)
+    report.weight_mismatches = _weights(path, exported_prefill, model)
     names = ["logits"] + [s["name"] for s in gen.state_specs]
     padded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}     # case -> the prefill graph's inputs
     for batch, length in shapes or [(1, 37), (3, 100), (2, 200)]:
@@ -218,7 +229,7 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
     _check_decode(gen, prefill_torch, crit, report, torch.randint(0, vocab, (2, 96), generator=rng))
     _check_generation(gen, model, crit, report, torch.randint(0, vocab, (1, 16), generator=rng), n_generate)
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    _judge(report, path, prefill_torch, padded, crit, gen.levels["prefill"], locate)
+    _judge(report, path, exported_prefill, padded, crit, gen.levels["prefill"], locate)
     if not report.passed and raise_on_failure:
         where = f". Where: {report.divergence['summary']}" if report.divergence is not None else ""
         raise VerificationError(f"ONNX deployment check failed: {report.first_failure}{where}", report)
@@ -316,9 +327,11 @@ def _judge(report: LMVerifyReport, path: str | Path, prefill_torch: nn.Module,
                 f"({report.greedy_agreement:.1%} of {report.greedy_tokens} tokens agree), where PyTorch's top-2 "
                 f"margin {report.greedy_divergence_margin:.3g} is not a near tie (> 2 × bound {logits_bound:.3g})")
     report.passed = report.first_failure is None
-    prefill_failure = next((c for c in failures if c.case in padded), None)
+    prefill_failure = next((c.case for c in failures if c.case in padded), None)
+    if prefill_failure is None and report.weight_mismatches and padded:
+        prefill_failure = next(iter(padded))            # changed weights: show where they make outputs diverge
     if locate and prefill_failure is not None:
         from surgeon.export.divergence import divergence_or_reason
 
-        report.divergence = divergence_or_reason(path, prefill_torch, padded[prefill_failure.case], graph="prefill",
+        report.divergence = divergence_or_reason(path, prefill_torch, padded[prefill_failure], graph="prefill",
                                                  criterion=crit, ort_level=level)
