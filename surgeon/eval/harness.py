@@ -10,10 +10,12 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from surgeon.core.errors import ConfigError
 from surgeon.eval.report import EvalReport
@@ -79,9 +81,10 @@ def evaluate(routes: Sequence[Route], tasks: Sequence[str], tokenizer: Any = Non
             continue
         t0 = time.perf_counter()
         lm = make_lm(route, tokenizer, max_length, batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=run, task_manager=manager, limit=limit, bootstrap_iters=0,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed, log_samples=False)
+        with _quiet("lm_eval"):              # per-task config notes and the --limit warning, once per route
+            out = lm_eval.simple_evaluate(model=lm, tasks=run, task_manager=manager, limit=limit, bootstrap_iters=0,
+                                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                          fewshot_random_seed=seed, log_samples=False)
         report.metrics[route.name] = {t: _metrics(out["results"][t]) for t in run}
         report.seconds[route.name] = round(time.perf_counter() - t0, 3)
     return report
@@ -97,6 +100,17 @@ def max_difference(report: EvalReport, reference: str, other: str) -> float:
         if a != b:
             worst = max(worst, abs(a - b) / max(abs(a), 1e-12) if math.isfinite(a) else math.inf)
     return worst
+
+
+@contextlib.contextmanager
+def _quiet(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def _describe(target: Any) -> str:
