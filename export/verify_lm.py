@@ -192,6 +192,10 @@ def verify_causal_lm(path: str | Path, model: nn.Module, *, shapes: list[tuple[i
     if not isinstance(repeats, int) or repeats < 1 or not isinstance(n_generate, int) or n_generate < 1:
         raise ConfigError(f"verify_causal_lm: repeats and n_generate must be ints ≥ 1, got {repeats!r}, {n_generate!r}")
     gen = OnnxGenerator(path, providers=tuple(providers), level=ort_level)
+    if gen.manifest.exporter.get("last_logits_only"):
+        raise ConfigError(f"{path}: prefill.onnx returns the last position's logits only, and verification compares "
+                          "every position; verify an export_causal_lm(..., last_logits_only=False) of the same model "
+                          "(its graphs are otherwise the same)")
     _check_same_model(gen, model)
     model.eval()
     prefill_torch = PrefillLM(model)

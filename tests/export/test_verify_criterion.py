@@ -190,3 +190,13 @@ def test_state_shapes_that_disagree_with_the_manifest_are_named(export, tmp_path
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match=rf"decode\.onnx takes state_in\.{spec['layer']}\.recurrent of shape"):
         surgeon.export.verify(broken, model)
+
+
+def test_last_logits_only_export_is_refused_with_a_reason(export, tmp_path):
+    model, out = export
+    folder = Path(shutil.copytree(out, tmp_path / "lm"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["exporter"]["last_logits_only"] = True
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="last position's logits only"):
+        surgeon.export.verify(folder, model)
