@@ -58,6 +58,8 @@ class LinearizeAttention(PassConfig):
         chunk_size: chunk length of the linear-time prefill form.
         targets / exclude / filter_fn: module selection by name, as in every pass.
         leaf_modules: FX path only: modules traced as opaque calls.
+        strict: FX path: a softmax / SDPA call left un-rewritten is an error (PlanError listing each with
+            its reason) instead of a report note.
     """
 
     feature_map: FeatureMapKind = "hedgehog"
@@ -76,6 +78,7 @@ class LinearizeAttention(PassConfig):
     exclude: str | list[str] | None = None
     filter_fn: Callable | None = None
     leaf_modules: list[str] | tuple[str, ...] = ()
+    strict: bool = False
 
     def check(self) -> None:
         if self.window < 0:

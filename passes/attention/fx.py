@@ -126,7 +126,8 @@ def build_unit(site: Site, config: LinearizeAttention) -> nn.Module:
         feature_map=config.feature_map, feature_dim=config.feature_dim, causal=d["causal"],
         window=config.window, window_weight_init=config.window_weight_init, local=config.local,
         image_grid=d.get("image_grid", False), n_prefix=d.get("n_prefix", 0), chunk_size=config.chunk_size,
-        mask_kinds=[kind for _, kind in d["masks"]], replaced=d["spelling"],
+        mask_kinds=[kind for _, kind in d["masks"]], replaced=d["spelling"], sinks=config.sinks,
+        linear_weight_init=config.linear_weight_init,
     )
     unit.site_name = site.name
     return unit

@@ -36,13 +36,13 @@ from surgeon.core.errors import ConfigError
 from surgeon.ops.feature_maps import make_feature_map
 from surgeon.ops.linear_attention import (bidirectional_linear_attention, linear_attention, local_window_mask,
                                           update_sinks)
+from surgeon.ops.linear_attention.weights import (linear_weight, linear_weight_parameter, window_weight,
+                                                  window_weight_parameter)
 from surgeon.passes.attention.config import LinearizeAttention
 from surgeon.passes.attention.layout import AttentionLayout, position_qk, qk_heads
 from surgeon.passes.attention.masks import dense_mask
 
 GATE_NORMALIZER = 16.0  # GLA / Liger: log α = logsigmoid(g) / 16 keeps decays close to 1
-LINEAR_WEIGHT_SCALE = 10.0  # λ = exp(10·a): one optimizer step moves λ by ~10·lr in log space, so a λ that
-                            # starts near 0 (the hybrid = sinks + window) reaches useful values in tens of steps
 
 
 class LinearAttention(nn.Module):
@@ -70,12 +70,9 @@ class LinearAttention(nn.Module):
         self.feature_q = make_feature_map(config.feature_map, h, d, config.feature_dim)
         self.feature_k = make_feature_map(config.feature_map, hkv, d, config.feature_dim)
         if config.window > 0:
-            init = math.log(config.window_weight_init / (1 - config.window_weight_init))
-            self.window_logit = nn.Parameter(torch.full((h,), init))
-        if config.window > 0 or self.sinks > 0:
-            # λ = exp(LINEAR_WEIGHT_SCALE · a): how much the linear branch counts beside the exact softmax terms
-            a = math.log(config.linear_weight_init) / LINEAR_WEIGHT_SCALE
-            self.linear_log_weight = nn.Parameter(torch.full((h,), a))
+            self.window_logit = window_weight_parameter(h, config.window_weight_init)
+        if config.window > 0 or self.sinks > 0:   # how much the linear branch counts beside the softmax terms
+            self.linear_log_weight = linear_weight_parameter(h, config.linear_weight_init)
         if config.gate == "learned":
             hidden = self._input_features()
             self.gate_down = nn.Linear(hidden, config.gate_rank, bias=False)
@@ -128,10 +125,10 @@ class LinearAttention(nn.Module):
         return g.transpose(1, 2)
 
     def window_weight(self) -> torch.Tensor | None:
-        return torch.sigmoid(self.window_logit) if self.window > 0 else None
+        return window_weight(self.window_logit) if self.window > 0 else None
 
     def linear_weight(self) -> torch.Tensor | None:
-        return (LINEAR_WEIGHT_SCALE * self.linear_log_weight).exp() if hasattr(self, "linear_log_weight") else None
+        return linear_weight(self.linear_log_weight) if hasattr(self, "linear_log_weight") else None
 
     # -- attention transfer (distillation stage 1) ---------------------------------------------
     transfer: bool = False

@@ -92,15 +92,8 @@ def _is_callable_type(tp: Any) -> bool:
 
 
 @dataclasses.dataclass(kw_only=True)
-class PassConfig:
-    """Base class of every pass config; subclasses add fields and may override ``check``."""
-
-    pass_name: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if not cls.__dict__.get("pass_name"):
-            cls.pass_name = cls.__name__
+class TypedConfig:
+    """A dataclass config whose fields are type-checked and round-trip to JSON (passes, distillation, ...)."""
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
@@ -131,7 +124,7 @@ class PassConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PassConfig":
+    def from_dict(cls, data: dict[str, Any]) -> "TypedConfig":
         """Build and validate a config from ``to_dict()`` output; unknown keys are an error."""
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__}: config must be a JSON object, got {type(data).__name__}")
@@ -148,6 +141,18 @@ class PassConfig:
         config = cls(**kwargs)
         config.validate()
         return config
+
+
+@dataclasses.dataclass(kw_only=True)
+class PassConfig(TypedConfig):
+    """Base class of every pass config; subclasses add fields and may override ``check``."""
+
+    pass_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("pass_name"):
+            cls.pass_name = cls.__name__
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -15,7 +15,15 @@ import argparse
 import json
 from pathlib import Path
 
+import safetensors.torch
+
 from surgeon.core.errors import ConfigError
+from surgeon.core.persist import load_recipe
+from surgeon.distill.api import distill
+from surgeon.distill.config import DistillConfig
+from surgeon.distill.evaluate import evaluate
+from surgeon.models.registry import load_surgery, resolve
+from surgeon.models.smollm2 import load_smollm2_tokenizer
 
 
 def add_parser(sub) -> None:
@@ -45,13 +53,6 @@ def _texts(path: Path) -> list[str]:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    import safetensors.torch
-
-    import surgeon
-    from surgeon.cli.commands import load_surgery
-    from surgeon.distill import DistillConfig, distill, evaluate
-    from surgeon.models.registry import resolve
-    from surgeon.core.persist import load_recipe
 
     try:
         raw = json.loads(args.config)
@@ -73,8 +74,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     name = (load_recipe(args.surgery).source or {}).get("model")
     tokenizer = None
     if name == "smollm2":
-        from surgeon.models.smollm2 import load_smollm2_tokenizer
-
         tokenizer = load_smollm2_tokenizer()
     data = args.data
     if data not in ("pydoc", "teacher", "pydoc+teacher"):
@@ -93,7 +92,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print()
         print(ev)
     print(f"\nwrote {out}/distilled.safetensors, distill.json, loss_curves.png")
-    _ = surgeon
     return 0
 
 

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from surgeon.core.config import PassConfig
+from surgeon.core.config import TypedConfig
 from surgeon.core.errors import ConfigError
 
 Stage = Literal["transfer", "lora"]
@@ -38,7 +38,7 @@ NON_SEMANTIC = {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resum
 
 
 @dataclass(kw_only=True)
-class DistillConfig(PassConfig):
+class DistillConfig(TypedConfig):
     """Configuration of ``surgeon.distill``; every field has a LoLCATs-like default.
 
     Args:

@@ -34,6 +34,8 @@ from torch import Tensor
 from surgeon.core.errors import ConfigError
 from surgeon.fx.tracing import SurgeonUnit
 from surgeon.ops.feature_maps import make_feature_map
+from surgeon.ops.linear_attention.weights import (linear_weight, linear_weight_parameter, window_weight,
+                                                  window_weight_parameter)
 
 NEG_THRESHOLD = -1e4  # an additive mask value at or below this hides the key
 MASK_KINDS = ("fill", "additive", "sdpa")
@@ -107,7 +109,8 @@ class FxLinearAttention(SurgeonUnit):
     def __init__(self, *, n_heads: int, n_kv_heads: int, head_dim: int, ndim: int = 4, feature_map: str = "hedgehog",
                  feature_dim: int | None = None, causal: bool = True, window: int = 0,
                  window_weight_init: float = 0.1, local: bool = False, image_grid: bool = False, n_prefix: int = 0,
-                 chunk_size: int = 64, mask_kinds: Sequence[str] = (), replaced: str = "") -> None:
+                 chunk_size: int = 64, mask_kinds: Sequence[str] = (), replaced: str = "", sinks: int = 0,
+                 linear_weight_init: float = 1e-3) -> None:
         super().__init__()
         if ndim not in (3, 4):
             raise ConfigError(f"FxLinearAttention takes (B, H, T, D) or (B·H, T, D) inputs, not {ndim}-D")
@@ -132,9 +135,11 @@ class FxLinearAttention(SurgeonUnit):
         self.replaced = replaced
         self.feature_q = make_feature_map(feature_map, n_heads, head_dim, feature_dim)
         self.feature_k = make_feature_map(feature_map, n_kv_heads, head_dim, feature_dim)
+        self.sinks = sinks if causal else 0
         if self.uses_window:
-            init = math.log(window_weight_init / (1.0 - window_weight_init))
-            self.window_logit = nn.Parameter(torch.full((n_heads,), init))
+            self.window_logit = window_weight_parameter(n_heads, window_weight_init)
+        if causal and (window > 0 or self.sinks > 0):   # the same hybrid as the module swap (LinearAttention)
+            self.linear_log_weight = linear_weight_parameter(n_heads, linear_weight_init)
 
     @property
     def uses_window(self) -> bool:
@@ -142,12 +147,17 @@ class FxLinearAttention(SurgeonUnit):
 
     def window_weight(self) -> Tensor | None:
         """γ per head (the weight of the exact-softmax terms), or None without a window."""
-        return torch.sigmoid(self.window_logit) if self.uses_window else None
+        return window_weight(self.window_logit) if self.uses_window else None
+
+    def linear_weight(self) -> Tensor | None:
+        """λ per head (the weight of the linear terms beside the softmax ones), or None when only linear terms exist."""
+        return linear_weight(self.linear_log_weight) if hasattr(self, "linear_log_weight") else None
 
     def extra_repr(self) -> str:
         shape = "(B·H, T, D)" if self.ndim == 3 else "(B, H, T, D)"
         return (f"replaced={self.replaced or '?'}, heads={self.n_heads}/{self.n_kv_heads}, head_dim={self.head_dim}, "
-                f"inputs={shape}, feature_map={self.feature_q.kind}, causal={self.causal}, window={self.window}"
+                f"inputs={shape}, feature_map={self.feature_q.kind}, causal={self.causal}, window={self.window}, "
+                f"sinks={self.sinks}"
                 + (f", local=True, image_grid={self.image_grid}" if self.local else ""))
 
     def _local_mask(self, n_tokens: int, device: torch.device) -> Tensor:
@@ -177,7 +187,8 @@ class FxLinearAttention(SurgeonUnit):
         key_mask = key_mask_from(masks, self.mask_kinds, q.shape[0], k.shape[-2], self.ndim) if masks else None
         if self.causal:
             out, _ = linear_attention(q, k, v, self.feature_q, self.feature_k, scale=scale, window=self.window,
-                                      window_weight=self.window_weight(), key_mask=key_mask, form=self.form,
+                                      window_weight=self.window_weight(), linear_weight=self.linear_weight(),
+                                      sinks=self.sinks, key_mask=key_mask, form=self.form,
                                       chunk_size=self.chunk_size, eps=self.eps)
         else:
             local = self._local_mask(q.shape[-2], q.device) if self.local else None

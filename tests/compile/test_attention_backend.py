@@ -41,7 +41,7 @@ def _trained(surgery: surgeon.Surgery) -> surgeon.Surgery:
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in surgery.model.named_parameters():
-            if "feature_" in name or "window_logit" in name:
+            if "feature_" in name or "window_logit" in name or "linear_log_weight" in name:
                 p.add_(0.3 * torch.randn_like(p))
     return surgery
 

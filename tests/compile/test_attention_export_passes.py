@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 def test_linear_attention_on_the_export_program_verifies_in_onnxruntime(tmp_path):
     model = build("sdpa_causal_gqa", dtype=torch.float32)
     x = torch.randn(2, 6, 32)
-    result = surgeon.export.to_onnx(model, tmp_path, (x,), passes=[LinearizeAttention(feature_map="elu1", window=3)])
+    result = surgeon.export.to_onnx(model, tmp_path, (x,), passes=[LinearizeAttention(feature_map="elu1", window=3, sinks=0,
+                                                                            linear_weight_init=1.0)])
     assert [e.pass_name for e in result.surgery.recipe.entries] == ["LinearizeAttention"]
     assert [s.name for s in result.surgery.recipe.entries[0].sites] == ["blocks.0.sdpa", "blocks.1.sdpa"]
     with torch.no_grad():

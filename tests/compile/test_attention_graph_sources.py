@@ -151,7 +151,7 @@ def test_hf_llama_export_graph_matches_the_module_swap(impl, decompose):
             unit = s.model.get_submodule(x.data["unit"])
             trained = swapped.get_submodule(x.data["module"].removeprefix("m."))
             unit.load_state_dict({k: v for k, v in trained.state_dict().items()
-                                  if k.startswith(("feature_", "window_logit"))})
+                                  if k.startswith(("feature_", "window_logit", "linear_log_weight"))})
         err = (s.model(ids_new) - swapped(ids_new, use_cache=False).logits).abs().max().item()
     assert err <= 1e-4, err
 

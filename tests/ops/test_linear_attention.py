@@ -111,7 +111,7 @@ def brute_force(case: dict, window: int, past_k=None, past_v=None, state=None) -
                 st = decay(b, h, P, t)[:, None] * S0[b, h]
                 num += lam[h] * fq[b, h, i] @ st[:, :Dv]
                 den += lam[h] * fq[b, h, i] @ st[:, Dv]
-                out[b, h, i] = num / (den + 1e-6)
+                out[b, h, i] = num / den.clamp_min(1e-6)
             S = decay(b, h, P, N - 1)[:, None] * S0[b, h]
             for j in range(N):
                 if j + fold <= N - 1 and valid[b, j]:
@@ -316,7 +316,7 @@ def test_bidirectional_no_mask_is_pure_linear() -> None:
         fq = case["feature_q"](q * case["scale"] ** 0.5)
         fk = case["feature_k"](case["k"] * case["scale"] ** 0.5).repeat_interleave(3, 1)
     kern = case["linear_weight"][None, :, None, None] * fq @ fk.transpose(-1, -2)
-    expected = (kern @ v) / (kern.sum(-1, keepdim=True) + 1e-6)
+    expected = (kern @ v) / kern.sum(-1, keepdim=True).clamp_min(1e-6)
     assert max_err(run_bidir(case), expected) <= 1e-12
 
 
@@ -379,7 +379,7 @@ def test_matches_fla_naive_simple_gla(gate: str | None) -> None:
         o, S = fn(*bthd, g, scale=1.0, output_final_state=True) if fn is fla.naive_chunk_simple_gla \
             else fn(*bthd, g, scale=1.0)
         o = o.transpose(1, 2).double()
-        expected = o[..., :-1] / (o[..., -1:] + 1e-6)
+        expected = o[..., :-1] / o[..., -1:].clamp_min(1e-6)
         assert max_err(ours, expected) <= 1e-4
         assert max_err(state, S.double()) <= 1e-4 * state.abs().max().item()
 

@@ -49,7 +49,7 @@ def brute_force(q, k, v, fq_map, fk_map, *, scale, window, sinks, gamma, lam, lo
                     w_ = lam[h] * float(fq[b, h, t] @ fk[b, kh, j]) * decay
                     num += w_ * v[b, kh, j]
                     den += w_
-                out[b, h, t] = num / (den + 1e-6)
+                out[b, h, t] = num / max(den, 1e-6)
     return out
 
 

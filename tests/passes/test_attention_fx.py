@@ -402,7 +402,8 @@ def test_rewrite_equals_the_ops_on_the_models_own_qkv(name):
         gamma = torch.sigmoid(u.window_logit) if config.window > 0 else None
         if causal:
             out, _ = linear_attention(q, k, v, u.feature_q, u.feature_k, scale=scale, window=config.window,
-                                      window_weight=gamma, key_mask=key_mask, form="parallel")
+                                      window_weight=gamma, linear_weight=u.linear_weight(), sinks=config.sinks,
+                                      key_mask=key_mask, form="parallel")
         else:
             local = None
             if config.local:

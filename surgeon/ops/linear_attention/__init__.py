@@ -9,7 +9,7 @@ Causal contract (per batch b, query head h; positions index the concatenation pa
   folded into the state; once they leave the window they stay exact softmax keys. S(t) = sinks in L(t).
 - m_t = max over valid j ∈ W(t) ∪ S(t) of s_tj (one normaliser); a_tj = γ_h·exp(s_tj − m_t) on
   W(t) ∪ S(t); b_tj = λ_h·(fq_t·fk_j)·D(t, j) on L(t) \\ S(t);
-  y_t = (Σ a v + Σ b v) / (Σ a + Σ b + eps).
+  y_t = (Σ a v + Σ b v) / max(Σ a + Σ b, eps).
 - Decay α_u = exp(log_decay_u) (per head or per feature channel). Token j is *folded* into the
   recurrent state at step e_j = j + max(w−1, 0), the step after which it leaves the raw window the
   cache keeps; it decays from then on: D(t, j) = Π_{u=e_j+1}^{t} α_u. For w = 0 this is GLA's

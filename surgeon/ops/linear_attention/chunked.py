@@ -225,16 +225,20 @@ def channel_decay_scores(q: Tensor, k: Tensor, b: Tensor, strict: bool, sub: int
 
 
 def bidir_chunked(x: Inputs, local_mask: Tensor | None, C: int) -> Tensor:
-    """Global linear sums, corrected per query chunk on the key columns its local rows touch."""
+    """Global linear sums, split per query chunk into the key columns its local rows touch and the rest.
+
+    The keys outside a chunk's columns enter through (total − their sum), the linear pairs inside
+    them directly: no output is formed as a difference of linear terms, so a local window covering
+    every key leaves exactly the softmax (total − sum over all keys is the same matmul twice: 0).
+    """
     T = x.q.shape[2]
     g = x.groups
     vv = with_ones(x.v)
     total = x.fk.transpose(-1, -2) @ vv                   # (B,Hkv,F,Dv+1), padded keys are zero rows
-    lin = x.fq @ repeat_heads(total, g)
     if local_mask is None:
-        return finish(x, empty_parts(x), lin)
+        return finish(x, empty_parts(x), x.fq @ repeat_heads(total, g))
     k, v, fk = repeat_heads(x.k, g), repeat_heads(x.v, g), repeat_heads(x.fk, g)
-    chunks, fixes = [], []
+    chunks, lins = [], []
     for lo in range(0, T, C):
         rows = local_mask[..., lo:lo + C, :]               # (c, T) or (B, c, T)
         cols = rows.reshape(-1, T).any(0).nonzero().squeeze(1)
@@ -242,7 +246,8 @@ def bidir_chunked(x: Inputs, local_mask: Tensor | None, C: int) -> Tensor:
         local = (local if local.dim() == 2 else local[:, None]) & x.valid[:, None, None, cols]
         q, fq = x.q[:, :, lo:lo + C], x.fq[:, :, lo:lo + C]
         chunks.append(softmax_parts(x.scale * q @ k[:, :, cols].transpose(-1, -2), local, v[:, :, cols]))
-        kern = (fq @ fk[:, :, cols].transpose(-1, -2)).masked_fill(~local, 0.0)
-        fixes.append(kern @ with_ones(v[:, :, cols]))
+        outside = total - x.fk[:, :, cols].transpose(-1, -2) @ vv[:, :, cols]       # (B,Hkv,F,Dv+1)
+        kern = (fq @ fk[:, :, cols].transpose(-1, -2)).masked_fill(local, 0.0)      # linear pairs inside cols
+        lins.append(fq @ repeat_heads(outside, g) + kern @ with_ones(v[:, :, cols]))
     parts = tuple(torch.cat([c[i] for c in chunks], 2) for i in range(3))
-    return finish(x, parts, lin - torch.cat(fixes, dim=2))
+    return finish(x, parts, torch.cat(lins, dim=2))

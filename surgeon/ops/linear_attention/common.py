@@ -77,7 +77,7 @@ def finish(x: Inputs, parts: Parts, lin: Tensor | None, rows: slice | None = Non
     if lin is not None:
         num = num + x.lam * lin[..., :-1]
         den = den + x.lam * lin[..., -1:]
-    out = num / (den + x.eps)
+    out = num / den.clamp_min(x.eps)  # not den + eps: that scales every output by 1 - eps/den
     query_valid = x.valid[:, None, x.past:, None]
     if rows is not None:
         query_valid = query_valid[:, :, rows]
