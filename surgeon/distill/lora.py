@@ -18,15 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgeon.distill.transfer import linear_units, new_parameters, set_transfer
+from surgeon.ops.losses import distillation_kl
 from surgeon.core.errors import ConfigError
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """τ² · KL(teacher ‖ student) at temperature τ, mean over tokens (logits ``(..., vocab)``)."""
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return kl.mean() * temperature ** 2
+    return distillation_kl(student, teacher, temperature).mean()
 
 
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

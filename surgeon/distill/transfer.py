@@ -37,13 +37,14 @@ import torch.nn.functional as F
 
 from surgeon.core.errors import ConfigError
 from surgeon.fx.tracing import get_submodule, set_submodule
+from surgeon.passes.attention.module import LinearAttention
 
 _NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
 _CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache", "cache_position")
 
 
 def is_linear_unit(module: nn.Module) -> bool:
-    return type(module).__name__ == "LinearAttention" and hasattr(module, "transfer_pair")
+    return isinstance(module, LinearAttention)
 
 
 def linear_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
