@@ -37,7 +37,7 @@ from surgeon.models.smollm2 import cache_dir, load_smollm2
 from surgeon.passes import LinearizeAttention
 
 PRESETS = {
-    "quick": dict(stage1_minutes=7.0, stage2_minutes=6.0, stage1_seq=1024, stage2_seq=512, transfer_packs=20,
+    "quick": dict(stage1_minutes=7.0, stage2_minutes=6.0, stage1_seq=1024, stage2_seq=512, transfer_packs=12,
                   transfer_steps=300, lora_steps=400, chat=6, chat_tokens=160, eval_windows=2,
                   contexts=(256, 512, 1024, 2048), baseline_windows=(64, 128, 256), greedy_prompts=20,
                   greedy_new=12, short_prompts=40, niah_trials=1),
@@ -135,7 +135,16 @@ def main() -> None:
     teacher.eval()
     contexts = preset["contexts"]
     windows = {c: held_out_windows(tok, c, preset["eval_windows"]) for c in contexts}
-    teacher_nll = {c: nll(teacher, windows[c]) for c in contexts}
+    # the teacher's and the baselines' numbers depend only on the data: cached per preset (a rerun skips them)
+    cache_file = work / "baselines.json"
+    key = {"contexts": list(contexts), "windows": preset["eval_windows"], "baseline_windows": list(preset["baseline_windows"]),
+           "sinks": SINKS}
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if cached.get("key") == key and "teacher_nll" in cached:
+        teacher_nll = {int(c): tuple(v) for c, v in cached["teacher_nll"].items()}
+    else:
+        teacher_nll = {c: nll(teacher, windows[c]) for c in contexts}
+        cache_file.write_text(json.dumps({**cached, "key": key, "teacher_nll": teacher_nll}))
     log("teacher perplexity " + ", ".join(f"@{c}: {math.exp(a / n):.2f}" for c, (a, n) in teacher_nll.items()))
 
     def ratios(model, mask_fn=None, only=None) -> dict[int, float]:
@@ -145,14 +154,18 @@ def main() -> None:
             res[c] = round(math.exp(a / n) / math.exp(teacher_nll[c][0] / teacher_nll[c][1]), 4)
         return res
 
-    rows = []
-    for w in preset["baseline_windows"]:
-        for sinks in (0, SINKS):
-            r = ratios(teacher, streaming_mask(w, sinks))
-            rows.append({"model": f"{'sinks + ' if sinks else ''}window {w} (no training)", "kind": "baseline",
-                         "state_MiB": round(kv_bytes(w + sinks) / 2**20, 2), "train_min": 0.0,
-                         **{f"ratio@{c}": v for c, v in r.items()}})
-            log(rows[-1]["model"] + f": {r}")
+    rows = list(cached.get("rows", [])) if cached.get("key") == key else []
+    if not rows:
+        for w in preset["baseline_windows"]:
+            for sinks in (0, SINKS):
+                r = ratios(teacher, streaming_mask(w, sinks))
+                rows.append({"model": f"{'sinks + ' if sinks else ''}window {w} (no training)", "kind": "baseline",
+                             "state_MiB": round(kv_bytes(w + sinks) / 2**20, 2), "train_min": 0.0,
+                             **{f"ratio@{c}": v for c, v in r.items()}})
+                log(rows[-1]["model"] + f": {r}")
+        cache_file.write_text(json.dumps({"key": key, "teacher_nll": teacher_nll, "rows": rows}))
+    else:
+        log(f"baselines from {cache_file} (same data and windows)")
 
     student, _ = load_smollm2()
     config = LinearizeAttention(feature_map="hedgehog", feature_dim=args.feature_dim, window=args.window,

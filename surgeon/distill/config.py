@@ -78,7 +78,8 @@ class DistillConfig(TypedConfig):
         mixed_precision: ``no`` or ``bf16`` (accelerate autocast; weights stay fp32).
         checkpoint_dir / checkpoint_every / keep_checkpoints: where and how often (optimizer steps) to
             checkpoint; ``resume=True`` continues from the newest checkpoint there.
-        max_minutes: wall-clock budget per stage (stops early, recorded in the result); ``None``: none.
+        max_minutes: wall-clock training budget per stage (stops early, recorded in the result; stage 1's
+            capture of layer inputs comes on top); ``None``: none.
         output_dir: where loss curves (JSON + PNG) and the per-layer transfer report are written.
         log_every: loss-curve resolution in optimizer steps; progress: tqdm bars.
     """

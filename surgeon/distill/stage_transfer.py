@@ -136,6 +136,7 @@ def _layerwise(model, units, packs, config, accelerator, ckpts, history, save_st
     weights = dict(zip(range(len(blocks)), block_weights(blocks, errors_before)))
     inputs = LayerInputs()
     done_steps = 0
+    captured = 0.0          # seconds spent capturing layer inputs: on top of the training budget
     while todo:
         chosen, count = [], 0           # capture the inputs of as many upcoming blocks as fit in cache_gb
         for i in todo:
@@ -144,7 +145,9 @@ def _layerwise(model, units, packs, config, accelerator, ckpts, history, save_st
             chosen.append(i)
             count += len(blocks[i])
         inputs.clear()
+        began = time.perf_counter()
         inputs.capture(model, [u for i in chosen for u in blocks[i]], stage_packs, max(config.batch_size, 4))
+        captured += time.perf_counter() - began
         set_transfer(model, True)
         for i in chosen:
             block = blocks[i]
@@ -173,7 +176,8 @@ def _layerwise(model, units, packs, config, accelerator, ckpts, history, save_st
                           config.transfer_lr, config.transfer_steps, config.seq_len, stopping=stopping)
             res = run_phase(phase, config, accelerator, ckpts, history, save_state,
                             resume=ck if pos == "resume" else None,
-                            deadline=share_deadline(config, start, [weights[j] for j in todo], time.perf_counter()),
+                            deadline=share_deadline(config, start + captured, [weights[j] for j in todo],
+                                                    time.perf_counter()),
                             callbacks=callbacks)
             for p in params:
                 p.requires_grad_(False)
