@@ -26,26 +26,13 @@ from typing import Any, Iterable
 import torch
 
 from surgeon.core.errors import ConfigError
+from surgeon.data.text import topic_split
+from surgeon.data.text import topics as pydoc_topics
 
 HELD_OUT_FRACTION = 0.2
 
 
 # -- pydoc topics ---------------------------------------------------------------------------------
-def _topics() -> dict[str, str]:
-    from pydoc_data.topics import topics
-
-    return dict(topics)
-
-
-def topic_split(held_out: float = HELD_OUT_FRACTION) -> tuple[list[str], list[str]]:
-    """Topic names (train, held-out): a topic is held out when the SHA-1 of its name falls below ``held_out``."""
-    train, held = [], []
-    for name in sorted(_topics()):
-        h = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if h < held_out else train).append(name)
-    return train, held
-
-
 def _paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
@@ -53,8 +40,8 @@ def _paragraphs(text: str) -> list[str]:
 def pydoc_texts(split: str = "train") -> list[str]:
     """One text per topic of ``split`` (``train`` or ``held_out``); train texts lose every line (of 4+
     characters) that also occurs in a held-out topic (shared boilerplate, table rules, examples)."""
-    train, held = topic_split()
-    topics = _topics()
+    train, held = topic_split(HELD_OUT_FRACTION)
+    topics = pydoc_topics()
     if split in ("held_out", "heldout", "test", "eval"):
         return [topics[n] for n in held]
     if split != "train":
