@@ -80,10 +80,12 @@ class StateLayout:
     pad: int = 0        # invalid slots a softmax layer's cache starts with: max(window) - 1
 
     @staticmethod
-    def of(model: nn.Module) -> "StateLayout":
+    def of(model: nn.Module, softmax_only: bool = False) -> "StateLayout":
+        """The layout of ``model``'s state; ``softmax_only`` accepts a model with no linear layer (the original,
+        exported with its KV cache for like-for-like comparisons)."""
         units = sorted(((m.layer_idx, m) for m in model.modules() if isinstance(m, LinearAttention)),
                        key=lambda item: item[0])
-        if not units:
+        if not units and not softmax_only:
             raise ExportError(f"{type(model).__name__} has no linearized attention layers: export it with "
                               "surgeon.export.to_onnx(model, path, example_inputs) as one forward graph, or "
                               "apply LinearizeAttention first")
@@ -95,7 +97,7 @@ class StateLayout:
         n_layers = getattr(config, "num_hidden_layers", None) or len(units)
         softmax = tuple(sorted(set(range(n_layers)) - {i for i, _ in units}))
         dtype = next(model.parameters()).dtype
-        pad = max(max(unit.window - 1, 0) for _, unit in units)
+        pad = max((max(unit.window - 1, 0) for _, unit in units), default=0)
         specs = []
         for idx in range(n_layers):
             unit = dict(units).get(idx)
@@ -154,10 +156,10 @@ def _window(layout: StateLayout, idx: int) -> int:
 class StatefulLM(nn.Module):
     """``(input_ids, attention_mask, position_ids, *state) -> (logits, *new_state)`` for any chunk length."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, softmax_only: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.layout = StateLayout.of(model)
+        self.layout = StateLayout.of(model, softmax_only)
 
     def _cache(self, state: tuple[Tensor, ...]) -> tuple[Cache, Tensor | None]:
         by_layer: dict[int, dict[str, Tensor]] = {}
@@ -234,9 +236,9 @@ class StatefulLM(nn.Module):
 class PrefillLM(nn.Module):
     """``(input_ids, attention_mask) -> (logits, *state)`` from an empty state (left padding allowed)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, softmax_only: bool = False) -> None:
         super().__init__()
-        self.step = StatefulLM(model)
+        self.step = StatefulLM(model, softmax_only)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -247,9 +249,9 @@ class PrefillLM(nn.Module):
 class DecodeLM(nn.Module):
     """``(input_ids (batch, 1), position_ids (batch, 1), *state) -> (logits, *state)``: one token."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, softmax_only: bool = False) -> None:
         super().__init__()
-        self.step = StatefulLM(model)
+        self.step = StatefulLM(model, softmax_only)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         return self.step(input_ids, torch.ones_like(input_ids), position_ids, *state)
