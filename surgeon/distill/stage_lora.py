@@ -4,19 +4,8 @@ teacher's next-token distribution at every position (plus optional next-token cr
 The teacher is a separate model or, by default, the model itself with adapters disabled and softmax
 attention teacher-forced, so no second copy of the weights is needed.
 
-Example (tiny random model):
-    >>> import torch, transformers, surgeon
-    >>> from surgeon.passes import LinearizeAttention
-    >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
-    >>> torch.manual_seed(0); model = transformers.LlamaForCausalLM(cfg)  # doctest: +ELLIPSIS
-    <...>
-    >>> s = surgeon.apply(model, LinearizeAttention(window=4))
-    >>> data = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
-    >>> r = surgeon.distill(s.model, data=data, config=surgeon.DistillConfig(stages=["lora"], seq_len=16,
-    ...                     lora_steps=2, progress=False))
-    >>> r.tokens["lora"]
-    32
+``surgeon.distill(model, config=DistillConfig(stages=["lora"], ...))`` runs it (example in
+:mod:`surgeon.distill.api`).
 """
 from __future__ import annotations
 

@@ -7,19 +7,10 @@ are from converged: the budget left is shared among the remaining blocks in prop
 transfer error before training, and what a block that converges early does not use goes to the
 next ones. Joint mode trains every layer together from one model forward per step.
 
-Example (tiny random model):
-    >>> import torch, transformers, surgeon
-    >>> from surgeon.passes import LinearizeAttention
-    >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
-    >>> torch.manual_seed(0); model = transformers.LlamaForCausalLM(cfg)  # doctest: +ELLIPSIS
-    <...>
-    >>> s = surgeon.apply(model, LinearizeAttention(window=4, linear_weight_init=0.1))
-    >>> data = torch.randint(0, 50, (12, 32), generator=torch.Generator().manual_seed(0))
-    >>> r = surgeon.distill(s.model, data=data, config=surgeon.DistillConfig(
-    ...     stages=["transfer"], seq_len=32, transfer_steps=40, transfer_eval_every=5, progress=False))
-    >>> all(row["heldout_after"] <= row["heldout_before"] for row in r.layers)
-    True
+Example (how the budget left is shared: by transfer error before training, relative to the mean):
+    >>> blocks = [[("a", None)], [("b", None)], [("c", None)]]
+    >>> [round(w, 2) for w in block_weights(blocks, {"a": 1.0, "b": 3.0, "c": 0.0})]
+    [0.75, 2.25, 0.25]
 """
 from __future__ import annotations
 
