@@ -75,7 +75,7 @@ class DistillResult:
         return ReportGroup("surgeon distill", reports)
 
     def final_loss(self, stage: str) -> float | None:
-        rows = [h["loss"] for h in self.history if h["stage"] == stage]
+        rows = [h["loss"] for h in self.history if h["stage"] == stage and "loss" in h]   # not held-out checks
         return rows[-1] if rows else None
 
     def to_dict(self) -> dict[str, Any]:
