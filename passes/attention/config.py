@@ -47,7 +47,8 @@ class LinearizeAttention(PassConfig):
         linear_weight_init: initial per-head weight λ of the linear terms beside the softmax ones
             (learnable). The default, 1e-3, starts a hybrid at (almost exactly) sinks + window, which
             on pretrained models is far better than an untrained linear branch (SmolLM2 @1024, window 64,
-            4 sinks: ratio 1.51 at λ→0, 1.92 at λ=0.01, 79 at λ=1); attention transfer then raises it
+            4 sinks: ratio 1.51 at λ→0, 1.92 at λ=0.01, 79 at λ=1; benchmarks/results/hybrid_init_smollm2.json);
+            attention transfer then raises it
             where the linear branch helps. Pure linear attention (window 0, no sinks) has no λ.
         window_weight_init: initial per-head weight γ of the softmax terms (a sigmoid of a learnable
             logit; LoLCATs initialises 0.1); linear terms have weight 1.
