@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from surgeon.fx import patterns as graph_patterns
 from surgeon.core.errors import ConfigError, PlanError, TraceError
+from surgeon.fx.placement import path_is_free
 from surgeon.fx.tracing import free_attr_name, node_shape
 from surgeon.core.handler import PassContext, match_recorded
 from surgeon.passes.attention import graph as ag
@@ -195,11 +196,11 @@ def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site]) -> None:
     taken: set[str] = set()
     for site in sites:
         recorded = site.data.get("unit")
-        if isinstance(recorded, str) and recorded not in taken and _free_path(gm, recorded):
+        if isinstance(recorded, str) and recorded not in taken and path_is_free(gm, recorded):
             taken.add(recorded)
             continue
         module = site.data.get("module")
-        if site.data.get("named_by_module") and module and module not in taken and _free_path(gm, module):
+        if site.data.get("named_by_module") and module and module not in taken and path_is_free(gm, module):
             taken.add(module)
             site.data["unit"] = module
             continue
@@ -213,16 +214,6 @@ def _assign_unit_paths(gm: fx.GraphModule, sites: list[Site]) -> None:
         path = f"{site.scope}.{candidate}" if site.scope else candidate
         taken.add(path)
         site.data["unit"] = path
-
-
-def _free_path(gm: fx.GraphModule, path: str) -> bool:
-    """No module or attribute at ``path`` in ``gm`` yet (a unit can be placed there)."""
-    owner: Any = gm
-    for part in path.split("."):
-        if not hasattr(owner, part):
-            return True
-        owner = getattr(owner, part)
-    return False
 
 
 def graph_inputs(gm: fx.GraphModule) -> tuple[Any, ...] | None:
