@@ -32,7 +32,7 @@ from attention_models import (  # noqa: E402
 
 torch.set_num_threads(1)
 
-HEDGEHOG = LinearizeAttention(feature_map="hedgehog", window=4)
+HEDGEHOG = LinearizeAttention(feature_map="hedgehog", window=4, sinks=1)  # window + sink < 7 tokens: linear terms count
 LLAMA_SITES = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 
 
@@ -85,7 +85,7 @@ def _check_llama(impl, llama_recipes, then):
     assert max(errors.values()) <= (0.0 if then == "eager" else 1.5e-7), errors
     report = backend.report
     assert [g.sites["LinearizeAttention"] for g in report.graphs] == [LLAMA_SITES] * len(report.graphs)
-    assert all(g.loaded == 6 for g in report.graphs)  # 2 layers x (feature_q, feature_k, window_logit)
+    assert all(g.loaded == 8 for g in report.graphs)  # 2 layers x (feature_q, feature_k, window_logit, linear_log_weight)
     assert report.recompilations <= 2 and report.graph_breaks == {}
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items()), "the model was changed"
 
@@ -111,7 +111,7 @@ def test_other_families_through_the_backend(family, build, sites, tmp_path):
     with torch.no_grad():
         errors = [(compiled(ids).logits - eager(ids).logits).abs().max().item() for ids in (_ids(7, 0), _ids(11, 1))]
     assert max(errors) == 0.0, (family, errors)
-    assert backend.report.graphs[0].sites == {"LinearizeAttention": sites} and backend.report.graphs[0].loaded == 6
+    assert backend.report.graphs[0].sites == {"LinearizeAttention": sites} and backend.report.graphs[0].loaded == 8
 
 
 def _bert_inputs(t: int) -> dict:
@@ -161,7 +161,7 @@ def test_hand_written_attention_recipe_from_the_fx_surgery(tmp_path):
             err = (compiled(x) - eager(x)).abs().max().item()
             assert err <= 1e-5, (shape, err)
     g = backend.report.graphs[0]
-    assert g.sites == {"LinearizeAttention": ["blocks.0.sdpa", "blocks.1.sdpa"]} and g.loaded == 6
+    assert g.sites == {"LinearizeAttention": ["blocks.0.sdpa", "blocks.1.sdpa"]} and g.loaded == 8
 
 
 def test_a_decode_step_is_refused_with_a_reason(llama_recipes):
@@ -190,7 +190,7 @@ def test_surgeon_compile_takes_passes_and_layers_from_the_recipe(tmp_path):
             assert (compiled(ids).logits - eager(ids).logits).abs().max().item() <= 1e-4
     graphs = compiled.surgeon_backend.report.graphs
     assert [g.sites for g in graphs] == [{"LinearizeAttention": ["model.layers.1.self_attn"]}] * len(graphs)
-    assert all(g.loaded == 3 for g in graphs)
+    assert all(g.loaded == 4 for g in graphs)
 
 
 def test_backend_without_recipe_for_trained_parameters_fails_and_changes_nothing():
@@ -245,4 +245,4 @@ def test_smollm2_through_the_backend(tmp_path):
     assert max(errors.values()) == 0.0, errors             # then="eager": the same kernels (README: exact parity)
     assert backend.report.graph_breaks == {} and backend.report.recompilations <= 1
     expected = [f"model.layers.{i}.self_attn" for i in range(30)]
-    assert all(g.sites["LinearizeAttention"] == expected and g.loaded == 90 for g in backend.report.graphs)
+    assert all(g.sites["LinearizeAttention"] == expected and g.loaded == 120 for g in backend.report.graphs)
