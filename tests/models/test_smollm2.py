@@ -30,7 +30,7 @@ def test_linearized_all_layers_generates_and_decodes_like_prefill(smollm2):
     s = surgeon.apply(model, LinearizeAttention(feature_map="hedgehog", window=64))
     report = s.report["LinearizeAttention"]
     assert len(report.rows) == 30
-    assert report.totals["params_added"] == 30 * ((9 + 3) * 64 * 64 + 9)
+    assert report.totals["params_added"] == 30 * ((9 + 3) * 64 * 64 + 9 + 9)   # feature maps, γ and λ per head
     costs = report.notes[-1]
     assert "32,768" in costs and "softmax_kv_MiB" in costs
     text = tok("The Python language reference describes the syntax and core semantics of the language. "
