@@ -27,8 +27,12 @@ def test_smollm2_demo_linearizes_every_layer_and_still_answers(tmp_path):
     from surgeon.cli.demo_llm import run_llm_demo
 
     result = run_llm_demo(tmp_path, show=False, max_new_tokens=8)
-    assert result["layers_converted"] == 30 and result["params_added"] == 1_474_830
+    assert result["layers_converted"] == 30 and result["params_added"] == 1_475_100
     assert result["config"]["feature_map"] == "hedgehog" and result["config"]["window"] == 64
-    assert result["before"]["text"].strip() and result["after"]["text"].strip()
+    assert result["config"]["sinks"] == 4 and result["prompt_tokens"] == 432 and result["linear_fraction"] > 0.7
+    answers = result["answers"]
+    assert answers["original (softmax)"]["text"].strip() and answers["linearized"]["text"].strip()
+    assert answers["original (softmax)"]["agreement"] == 1.0 and 0.0 <= answers["linearized"]["agreement"] <= 1.0
+    assert result["passed"]
     assert result["distill"] is None and result["onnx"] is None
     assert (tmp_path / "surgery").is_dir() and (tmp_path / "demo.json").is_file()
