@@ -28,6 +28,7 @@ def causal_recurrent(x: Inputs) -> tuple[Tensor, Tensor]:
     k, v, fk = repeat_heads(x.k, g), repeat_heads(x.v, g), repeat_heads(x.fk, g)
     vv = with_ones(v)
     state = x.state.clone()
+    empty = empty_parts(x)                                 # no window terms (w = 0): sliced per step
     outs = []
     for i in range(T):
         t = P + i
@@ -36,8 +37,7 @@ def causal_recurrent(x: Inputs) -> tuple[Tensor, Tensor]:
         if w == 0:
             state = state + fk[:, :, t, :, None] * vv[:, :, t, None, :]
         lin = x.fq[:, :, i:i + 1] @ state                  # (B,H,1,Dv+1)
-        parts = empty_parts(x)
-        parts = tuple(p[:, :, i:i + 1] for p in parts)
+        parts = tuple(p[:, :, i:i + 1] for p in empty)
         if w > 0:
             lo = max(t - w + 1, 0)
             scores = x.scale * x.q[:, :, i:i + 1] @ k[:, :, lo:t + 1].transpose(-1, -2)
