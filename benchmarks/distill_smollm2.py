@@ -32,6 +32,7 @@ import surgeon
 from surgeon.core.report import format_table
 from surgeon.distill.data import chat_prompts, chat_texts, pack, pydoc_texts
 from surgeon.distill.evaluate import exact_continuation, held_out_windows, make_niah_trials
+from surgeon.distill.planning import measure_errors, pareto, plan_hybrid, state_bytes_fn
 from surgeon.export.stateful_lm import StateLayout
 from surgeon.models.smollm2 import cache_dir, load_smollm2
 from surgeon.passes import LinearizeAttention
@@ -40,11 +41,11 @@ PRESETS = {
     "quick": dict(stage1_minutes=7.0, stage2_minutes=6.0, stage1_seq=1024, stage2_seq=512, transfer_packs=12,
                   transfer_steps=300, lora_steps=400, chat=6, chat_tokens=160, eval_windows=2,
                   contexts=(256, 512, 1024, 2048), baseline_windows=(64, 128, 256), greedy_prompts=20,
-                  greedy_new=12, short_prompts=40, niah_trials=1),
+                  greedy_new=12, short_prompts=40, niah_trials=1, lm_eval_docs=8),
     "full": dict(stage1_minutes=40.0, stage2_minutes=45.0, stage1_seq=2048, stage2_seq=1024, transfer_packs=24,
                  transfer_steps=2000, lora_steps=4000, chat=24, chat_tokens=256, eval_windows=4,
                  contexts=(256, 512, 1024, 2048), baseline_windows=(64, 128, 256), greedy_prompts=24,
-                 greedy_new=16, short_prompts=64, niah_trials=2),
+                 greedy_new=16, short_prompts=64, niah_trials=2, lm_eval_docs=16),
 }
 SINKS = 4
 
@@ -108,12 +109,19 @@ def greedy_agreement(student, teacher, prompts: list[torch.Tensor], new: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the ≤ 25-minute preset (default: full, ≤ 2 h)")
-    ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--feature-dim", type=int, default=32, help="hedgehog projection per head (φ has 2× features)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="fix the window (default: planned from the measured transfer errors under --budget)")
+    ap.add_argument("--windows", default="64,128,256", help="candidate windows for the plan")
+    ap.add_argument("--budget", type=float, default=0.05,
+                    help="decode-state budget as a fraction of the softmax KV cache at 8K tokens")
+    ap.add_argument("--feature-dim", type=int, default=16, help="hedgehog projection per head (φ has 2× features)")
     ap.add_argument("--sinks", type=int, default=SINKS)
     ap.add_argument("--stage1-minutes", type=float)
     ap.add_argument("--stage2-minutes", type=float)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-routes", default="original,surgered,hf",
+                    help="surgeon eval routes (lm-evaluation-harness) for the final evaluation; add onnx / onnxruntime "
+                         "to include the exports (minutes of export each)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--work", default="out/bench_distill")
     args = ap.parse_args()
@@ -167,12 +175,40 @@ def main() -> None:
     else:
         log(f"baselines from {cache_file} (same data and windows)")
 
+    # hybrid planning: measured per-layer transfer error at each candidate window, under the state budget at 8K
+    budget_bytes = int(args.budget * kv_bytes(8192))
+    plan_packs = pack(pydoc_texts("train"), 1024, tok, what="planning text")[:2]
+    linearize = dict(feature_map="hedgehog", feature_dim=args.feature_dim, sinks=args.sinks)
+    candidates = [args.window] if args.window else [int(w) for w in args.windows.split(",")]
+    errors = measure_errors(teacher, plan_packs, candidates, **linearize)
+    state_fn = state_bytes_fn(n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, features=2 * args.feature_dim,
+                              sinks=args.sinks, context=8192)
+    options = plan_hybrid(errors, state_fn, budget_bytes, max_softmax_layers=2)
+    chosen = options[0]
+    plan_rows = [{"window": o.window, "softmax_layers": list(o.softmax_layers), "state_MiB@8K": round(o.state_bytes / 2**20, 2),
+                  "transfer_error": round(o.error, 4), "chosen": o == chosen} for o in pareto(options)]
+    print(format_table(["window", "softmax_layers", "state_MiB@8K", "transfer_error", "chosen"], plan_rows))
+    log(f"plan under {args.budget:.0%} of the KV cache at 8K ({budget_bytes / 2**20:.1f} MiB): {chosen.describe()}")
+
     student, _ = load_smollm2()
-    config = LinearizeAttention(feature_map="hedgehog", feature_dim=args.feature_dim, window=args.window,
-                                sinks=args.sinks)
+    config = LinearizeAttention(window=chosen.window, **linearize,
+                                **({"layers": [i for i in range(30) if i not in chosen.softmax_layers]}
+                                   if chosen.softmax_layers else {}))
     surgery = surgeon.apply(student, config)
     student = surgery.model.eval()
     state_bytes = StateLayout.of(student).state_bytes(batch=1)
+    args.window = chosen.window
+
+    # the untrained sinks + window baseline holding the same decode-state bytes as the converted model
+    eq_window = state_bytes // kv_bytes(1) - SINKS
+    eq_rows = [r for r in rows if r.get("equal_state_window") == eq_window]
+    if not eq_rows:
+        r = ratios(teacher, streaming_mask(eq_window, SINKS))
+        rows.append({"model": f"sinks + window {eq_window} (no training, equal state)", "kind": "baseline",
+                     "equal_state_window": eq_window, "state_MiB": round(kv_bytes(eq_window + SINKS) / 2**20, 2),
+                     "train_min": 0.0, **{f"ratio@{c}": v for c, v in r.items()}})
+        log(rows[-1]["model"] + f": {r}")
+        cache_file.write_text(json.dumps({"key": key, "teacher_nll": teacher_nll, "rows": rows}))
     label = f"hedgehog f{args.feature_dim} + {args.sinks} sinks + window {args.window}"
     curve = []
 
@@ -215,7 +251,8 @@ def main() -> None:
 
     # agreement, long-prompt greedy, short-prompt agreement, needle beyond the window
     agree = agreement(student, teacher, windows[1024])
-    long_prompts = [row[:256] for row in held_out_windows(tok, 512, preset["greedy_prompts"])]
+    long_len = max(256, 2 * args.window)  # prompts longer than the window
+    long_prompts = list(held_out_windows(tok, long_len, preset["greedy_prompts"]))
     greedy = greedy_agreement(student, teacher, long_prompts, preset["greedy_new"])
     shorts = held_out_windows(tok, 48, preset["short_prompts"] // 2)
     chats = [tok.apply_chat_template([{"role": "user", "content": p[:120]}], add_generation_prompt=True,
@@ -233,7 +270,7 @@ def main() -> None:
         f"short prompts {short}; needle {niah}")
 
     baseline_rows = [r for r in rows if r["kind"] == "baseline"]
-    equal_state = [r for r in baseline_rows if "sinks" in r["model"] and r["state_MiB"] >= final["state_MiB"]]
+    equal_state = [r for r in baseline_rows if r.get("equal_state_window") == eq_window]
     pareto = sorted(rows, key=lambda r: r["state_MiB"])
     result = {
         "mode": mode, "model": "SmolLM2-135M-Instruct", "config": config.to_dict(),
@@ -245,7 +282,9 @@ def main() -> None:
                  "data": "held-out pydoc topics (never trained on)",
                  "teacher_perplexity": {c: round(math.exp(a / n), 3) for c, (a, n) in teacher_nll.items()}},
         "rows": rows, "curve": curve,
-        "agreement_1024": agree, "greedy_agreement_long_prompts": greedy, "long_prompt_tokens": 256,
+        "agreement_1024": agree, "greedy_agreement_long_prompts": greedy, "long_prompt_tokens": long_len,
+        "plan": {"budget_fraction_of_kv_at_8k": args.budget, "budget_MiB": round(budget_bytes / 2**20, 2),
+                 "candidate_windows": candidates, "pareto": plan_rows, "errors": errors},
         "short_prompt_agreement": short, "niah": niah,
         "stage1": {"minutes": round(s1_min, 2), "layers": r1.layers, "tokens_per_layer": s1_tokens,
                    "stopped_at_budget": r1.stopped_early.get("transfer")},
@@ -258,10 +297,37 @@ def main() -> None:
     }
     path = out / f"distill_smollm2{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
+    surgery.model = student
+    surgeon.save(surgery, work / "student")          # the distilled model, for re-evaluation (surgeon.restore)
+    log(f"saved the distilled model to {work / 'student'}; lm-evaluation-harness next")
+    result["lm_eval"] = lm_eval_section(surgery, teacher, tok, work, args.eval_routes.split(","), preset["lm_eval_docs"])
+    result["minutes_total"] = round((time.perf_counter() - t0) / 60, 1)
+    path.write_text(json.dumps(result, indent=2, default=str))
     cols = ["model", "state_MiB", "train_min"] + [f"ratio@{c}" for c in contexts]
     print(format_table(cols, [{k: r.get(k, "-") for k in cols} for r in pareto]))
     _plot(result, out / f"distill_smollm2{'_quick' if args.quick else ''}.png")
     log(f"wrote {path}")
+
+
+def lm_eval_section(surgery, teacher, tok, work: Path, routes: list[str], docs: int) -> dict:
+    """The same models through lm-evaluation-harness (``surgeon eval``): rolling perplexity on the held-out
+    pydoc documents and the local multiple-choice set, one column per route; ratios to the original."""
+    from surgeon.eval import evaluate, routes_for
+
+    started = time.perf_counter()
+    try:
+        report = evaluate(routes_for(routes, surgered=surgery, original=teacher, tokenizer=tok, work_dir=work / "eval"),
+                          ["surgeon_pydoc_ppl", "surgeon_python_mc"], tok, limit=docs, max_length=1024)
+    except Exception as e:  # the benchmark's own numbers are already written: record why this part failed
+        return {"error": f"{type(e).__name__}: {e}"}
+    report.save(work / "eval", "lm_eval")
+    print(report.to_markdown())
+    ppl = {r: report.value(r, "surgeon_pydoc_ppl", "word_perplexity") for r in report.routes}
+    return {"routes": report.routes, "tasks": report.tasks, "docs_per_task": docs, "max_length": 1024,
+            "metrics": report.metrics, "seconds": report.seconds, "skipped": report.skipped,
+            "word_perplexity_ratio": {r: round(v / ppl["original"], 4) for r, v in ppl.items()
+                                      if v is not None and ppl.get("original")},
+            "minutes": round((time.perf_counter() - started) / 60, 2)}
 
 
 def _plot(result: dict, path: Path) -> None:

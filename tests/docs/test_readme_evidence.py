@@ -1,0 +1,131 @@
+"""README ↔ evidence: the numbers the README quotes from benchmark runs are the numbers in the files
+under ``benchmarks/results/`` (and ``docs/conformance.md``), at the precision the README prints them.
+
+A README number ``3.85`` matches a recorded ``3.8521…`` (it is the recorded value rounded to the digits
+shown); anything else fails, naming the sentence. When a benchmark is rerun, its README sentence must
+be updated with it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+README = " ".join((ROOT / "README.md").read_text().split())        # one line: sentences wrap anywhere
+ARCHITECTURE = " ".join((ROOT / "docs" / "architecture.md").read_text().split())
+
+
+def result(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def shown(text: str, value: float) -> bool:
+    """``text`` is ``value`` rounded to the digits ``text`` shows (``"3.85"`` ↔ 3.8521; ``"1,440"`` ↔ 1440.2)."""
+    text = text.replace(",", "")
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return abs(float(text) - value) <= 0.5 * 10 ** -decimals * (1 + 1e-9)
+
+
+def claim(pattern: str, doc: str = README) -> re.Match:
+    """The sentence matching ``pattern`` (whitespace-normalised); fails when the document lost it."""
+    found = re.search(pattern, doc)
+    assert found, f"the docs no longer say {pattern!r}: update this test with the sentence that replaced it"
+    return found
+
+
+def check(sentence: re.Match, expected: dict[str, float]) -> None:
+    wrong = {k: (sentence[k], v) for k, v in expected.items() if not shown(sentence[k], v)}
+    assert not wrong, f"README {sentence[0]!r}: shown vs recorded {wrong}"
+
+
+def test_shown_rounds_to_the_printed_digits():
+    assert shown("3.85", 3.8521) and shown("1,440", 1440.2) and shown("79", 79.05)
+    assert not shown("3.85", 3.8561) and not shown("80", 79.05)
+
+
+def test_conformance_counts_are_the_generated_tables():
+    text = (ROOT / "docs" / "conformance.md").read_text()
+    totals = dict((k.strip(), int(v)) for v, k in
+                  ((m[2], m[1]) for m in re.finditer(r"([a-z ]+?) (\d+)(?:,|$)", text.split("Totals:")[1].splitlines()[0])))
+    rows = [line.split("|")[4].strip() for line in text.splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    assert sum(totals.values()) == len(rows)
+    s = claim(r"(?P<exact>\d+) exact, (?P<refused>\d+) refused, (?P<failures>\d+) failures")
+    check(s, {"exact": totals["exact"], "refused": totals["refused"],
+              "failures": sum(r not in ("exact", "refused", "not built") for r in rows)})
+
+
+def test_untrained_hybrid_numbers_are_the_recorded_run():
+    rows = result("hybrid_init_smollm2.json")["rows"]
+    ratio = {(r["sinks"], r["linear_weight_init"]): r["ratio"] for r in rows}
+    s = claim(r"sinks \+ window (?P<sinks>[\d.]+)× the teacher's perplexity, window alone (?P<window>[\d.]+)×, "
+              r"and the old λ = 1 initialisation (?P<lam1>[\d.]+)×")
+    check(s, {"sinks": ratio[(4, 1e-6)], "window": ratio[(0, 1e-6)], "lam1": ratio[(4, 1.0)]})
+
+
+def test_compile_benchmark_sentence_is_the_recorded_run():
+    r = result("compile.json")
+    prefill = {row["tokens"]: row for row in r["prefill"]}
+    decode = r["decode"]
+    s = claim(r"decode (?P<ort_lo>[\d.]+)–(?P<ort_hi>[\d.]+) ms/token in onnxruntime vs (?P<ind_lo>[\d.]+)–(?P<ind_hi>[\d.]+) "
+              r"ms compiled by inductor vs (?P<eag_lo>[\d.]+)–(?P<eag_hi>[\d.]+) ms eager")
+    check(s, {"ort_lo": min(d["ort_ms"] for d in decode), "ort_hi": max(d["ort_ms"] for d in decode),
+              "ind_lo": min(d["inductor_ms"] for d in decode), "ind_hi": max(d["inductor_ms"] for d in decode),
+              "eag_lo": min(d["eager_ms"] for d in decode), "eag_hi": max(d["eager_ms"] for d in decode)})
+    s = claim(r"\((?P<o512>[\d.]+) s vs inductor (?P<i512>[\d.]+) s and eager (?P<e512>[\d.]+) s at 512; "
+              r"(?P<o2k>[\d.]+) / (?P<i2k>[\d.]+) / (?P<e2k>[\d.]+) s at 2 K\), inductor at 8 K \((?P<i8k>[\d.]+) s vs "
+              r"eager (?P<e8k>[\d.]+) s and onnxruntime (?P<o8k>[\d.]+) s\); inductor's cold compile (?P<c512>[\d.]+) s "
+              r"\(512\) and (?P<c2k>[\d.]+) s")
+    p5, p2, p8 = prefill[512], prefill[2048], prefill[8192]
+    check(s, {"o512": p5["ort_s"], "i512": p5["inductor_s"], "e512": p5["eager_s"], "o2k": p2["ort_s"],
+              "i2k": p2["inductor_s"], "e2k": p2["eager_s"], "i8k": p8["inductor_s"], "e8k": p8["eager_s"],
+              "o8k": p8["ort_s"], "c512": p5["inductor_compile_s"], "c2k": p2["inductor_compile_s"]})
+
+
+def test_linear_time_range_is_the_recorded_run():
+    ratios = [row["ratio_vs_quarter"] for row in result("attention_ops_linear_time.json")["linear_time"]]
+    s = claim(r"the 16 K / 4 K time ratio is (?P<lo>[\d.]+)–(?P<hi>[\d.]+) over the (?P<n>\d+) chunked settings")
+    check(s, {"lo": min(ratios), "hi": max(ratios), "n": len(ratios)})
+
+
+def test_linear_blocks_table_is_the_recorded_run():
+    r = result("linear_blocks_smollm2.json")
+    table = re.search(r"k blocks ppl_base ppl_replaced ppl_dropped (.*?) ```", README)
+    assert table, "README lost the linear-blocks table"
+    shown_rows = re.findall(r"(\d) \[[\d, ]+\] ([\d.]+) ([\d.]+) ([\d.]+)", table[1])
+    assert len(shown_rows) == len(r["rows"])
+    for (k, base, replaced, dropped), row in zip(shown_rows, r["rows"]):
+        assert int(k) == row["k"]
+        for text, key in ((base, "ppl_base"), (replaced, "ppl_replaced"), (dropped, "ppl_dropped")):
+            assert shown(text, row[key]), (k, key, text, row[key])
+
+
+def test_apply_memory_numbers_are_the_recorded_run():
+    rows = [r for r in result("apply_memory.json")["rows"] if r["snapshot"] == "touched"]
+    biggest = max(rows, key=lambda r: r["params"])
+    s = claim(r"(?P<b>[\d.]+) B parameters in float32, (?P<gib>[\d.]+) GiB, 2 threads\): .*? takes (?P<s>[\d.]+) s "
+              r".*? peaks at (?P<rss>[\d.]+) GiB resident = (?P<peak>[\d.]+)× the model, (?P<extra>[\d.]+) GiB more", ARCHITECTURE)
+    check(s, {"b": biggest["params"] / 1e9, "gib": biggest["model_gib"], "s": biggest["apply_s"],
+              "rss": biggest["peak_rss_gib"], "peak": biggest["peak_over_model"], "extra": biggest["extra_gib"]})
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("*.json")))
+def test_every_results_file_is_valid_json(name):
+    assert isinstance(result(name), dict)
+
+
+def test_demo_cost_table_is_the_cost_model_of_the_demo_configuration():
+    """The README's cost block is what the demo's report prints: SmolLM2's 30 layers (9 / 3 heads of 64),
+    hedgehog φ of 2 × 64 features, window 64, 4 sinks, chunk 64, fp32."""
+    from surgeon.core.report import format_table
+    from surgeon.passes.attention.costs import AttentionShape, cost_rows
+    from surgeon.passes.attention.handler import REPORT_CONTEXTS
+
+    layer = AttentionShape(n_heads=9, n_kv_heads=3, head_dim=64, feature_dim=128, window=64, chunk=64,
+                           hedgehog_dim=64, sinks=4)
+    costs = cost_rows([layer] * 30, REPORT_CONTEXTS, 4)
+    lines = [line for line in format_table(list(costs[0]), costs).splitlines() if not line.startswith("-")]
+    assert " ".join(" ".join(lines).split()) in README
