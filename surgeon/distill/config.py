@@ -76,6 +76,11 @@ class DistillConfig(TypedConfig):
             ``scheduler`` is ``constant``, ``cosine`` (after linear warm-up) or ``plateau``
             (ReduceLROnPlateau on the step loss, as LoLCATs stage 1).
         mixed_precision: ``no`` or ``bf16`` (accelerate autocast; weights stay fp32).
+        shard: ``None`` (every process holds the whole model; gradients all-reduced) or ``"fsdp"``: under
+            ``torchrun`` / ``accelerate launch`` with N processes, stage 2 and ``transfer_mode="joint"``
+            run on parameters sharded by torch FSDP2 ``fully_shard`` (each process holds 1/N of every
+            weight; gradients reduce-scattered); ``layer`` / ``block`` stage 1 (cached layer inputs) stays
+            replicated. The model comes in and goes out whole. One process: no effect.
         checkpoint_dir / checkpoint_every / keep_checkpoints: where and how often (optimizer steps) to
             checkpoint; ``resume=True`` continues from the newest checkpoint there.
         max_minutes: wall-clock training budget per stage (stops early, recorded in the result; stage 1's
@@ -120,6 +125,7 @@ class DistillConfig(TypedConfig):
     scheduler: Literal["constant", "cosine", "plateau"] = "constant"
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "bf16"] = "no"
+    shard: Literal["fsdp"] | None = None
     # bookkeeping
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
@@ -171,6 +177,9 @@ class DistillConfig(TypedConfig):
             raise ConfigError(f"DistillConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"DistillConfig.max_minutes must be > 0 or None, got {self.max_minutes}")
+        if self.shard is not None and self.checkpoint_dir:
+            raise ConfigError("DistillConfig(shard='fsdp') cannot checkpoint yet (each process holds only its "
+                              "shards): set checkpoint_dir=None, or shard=None to checkpoint a replicated run")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("DistillConfig.resume=True needs checkpoint_dir (where the checkpoints are)")
 

@@ -206,6 +206,7 @@ class Phase:
     tokens_per_item: int
     locate_nan: Callable[[dict[str, float]], str] | None = None
     stopping: "EarlyStopping | None" = None
+    shard_root: nn.Module | None = None  # with DistillConfig(shard="fsdp"): the module sharded for this phase
 
 
 @dataclass
@@ -268,7 +269,26 @@ def run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoin
               save_state: Callable[[], dict[str, Any]], resume: dict[str, Any] | None = None,
               deadline: float | None = None, callbacks: Iterable[Callable[[dict[str, Any]], None]] = ()
               ) -> PhaseResult:
-    """Run ``phase.steps`` optimizer steps (or until ``deadline``), checkpointing and logging as configured."""
+    """Run ``phase.steps`` optimizer steps (or until ``deadline``), checkpointing and logging as configured.
+
+    With ``config.shard == "fsdp"``, several processes and a ``phase.shard_root``, the phase runs on
+    FSDP-sharded parameters (``surgeon.distill.sharding``); otherwise every process holds the whole model
+    and gradients are all-reduced here."""
+    args = (config, accelerator, ckpts, history, save_state, resume, deadline, callbacks)
+    if getattr(config, "shard", None) != "fsdp" or phase.shard_root is None or accelerator.num_processes == 1:
+        return _run_phase(phase, *args)
+    from dataclasses import replace
+
+    from surgeon.distill.sharding import ShardedParameters
+
+    with ShardedParameters(phase.shard_root, phase.params, accelerator.device.type) as params:
+        return _run_phase(replace(phase, params=params), *args, sharded=True)
+
+
+def _run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoints, history: list[dict[str, Any]],
+               save_state: Callable[[], dict[str, Any]], resume: dict[str, Any] | None = None,
+               deadline: float | None = None, callbacks: Iterable[Callable[[dict[str, Any]], None]] = (),
+               sharded: bool = False) -> PhaseResult:
     start = time.perf_counter()
     order = DataOrder(phase.n_items, config.batch_size, config.seed + 7919 * phase.index,
                       accelerator.process_index, accelerator.num_processes)
@@ -288,6 +308,8 @@ def run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoin
         stopping.observe(stopping.validate(), phase.params)
 
     def checkpoint() -> Path | None:
+        if sharded:              # DistillConfig refuses checkpoint_dir with shard: nothing would be written
+            return None
         return ckpts.save({**save_state(), "phase": (phase.stage, phase.index), "step": step,
                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
                            "history": history})
@@ -310,11 +332,17 @@ def run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoin
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
             if accelerator.num_processes > 1:
-                for p in phase.params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                if not sharded:          # FSDP has already reduce-scattered (averaged) the sharded gradients
+                    for p in phase.params:
+                        if p.grad is not None:
+                            p.grad = accelerator.reduce(p.grad, reduction="mean")
                 total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean"))
-            bad = [i for i, p in enumerate(phase.params) if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if sharded and all(p.grad is None for p in phase.params):
+                raise DistillError(f"{phase.name}: with shard='fsdp' no gradient reached the sharded parameters "
+                                   "(FSDP reduces gradients in hooks on its modules' outputs, so the loss must be "
+                                   "computed from the model's output); run this phase with shard=None")
+            bad = _non_finite_grads(phase.params, accelerator) if sharded else \
+                [i for i, p in enumerate(phase.params) if p.grad is not None and not torch.isfinite(p.grad).all()]
             if bad:
                 _stop_non_finite(phase, step, parts_sum, ckpts, "gradient", grad_param=bad[0])
             if config.max_grad_norm is not None:
@@ -355,6 +383,14 @@ def run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoin
         stopping.restore_best(phase.params)
     return PhaseResult(step, stopped, time.perf_counter() - start, step * tokens_per_step, converged,
                        list(stopping.checks) if stopping is not None else [])
+
+
+def _non_finite_grads(params: list[nn.Parameter], accelerator) -> list[int]:
+    """Indices of parameters with a non-finite gradient anywhere (each process checks its shards, all agree)."""
+    flags = torch.tensor([0.0 if p.grad is None or torch.isfinite(p.grad.to_local()).all() else 1.0
+                          for p in params], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    return [i for i, f in enumerate(flags.tolist()) if f > 0]
 
 
 def nan_locator(model: nn.Module, ids_fn: Callable[[], torch.Tensor]) -> Callable[[dict], str | None]:

@@ -62,7 +62,8 @@ def run_lora(model: nn.Module, packs: torch.Tensor, config: DistillConfig, accel
     if pos != "done" or ck is None or ck["step"] < config.lora_steps:
         phase = Phase("lora", 0, f"r={config.lora_r} on {'/'.join(config.lora_targets)}", params, packs.shape[0],
                       loss_fn, config.lora_lr, config.lora_steps, config.seq_len,
-                      locate_nan=nan_locator(peft_model, lambda: packs[:1].to(device)))
+                      locate_nan=nan_locator(peft_model, lambda: packs[:1].to(device)),
+                      shard_root=peft_model.get_base_model())
         res = run_phase(phase, config, accelerator, ckpts, history, save_state,
                         resume=ck if pos == "resume" else None,
                         deadline=None if config.max_minutes is None else start + config.max_minutes * 60, callbacks=callbacks)
