@@ -2,11 +2,12 @@
 
 One process on CPU here; under ``accelerate launch`` each process takes its own micro-batches (a
 fixed interleaving of one seeded global order) and gradients are averaged across processes before
-every optimizer step, so the same code runs DDP unchanged. Gradient accumulation, bf16 autocast,
-gradient clipping, AdamW with constant / cosine / plateau schedules, tqdm progress, loss curves, and
-checkpoints that resume *exactly*: trainable tensors, optimizer and scheduler state, every RNG and
-the data position (a pure function of the step) are saved, and a resumed run repeats the
-uninterrupted one bit for bit.
+every optimizer step, so the same code runs DDP unchanged (or, with ``DistillConfig(shard="fsdp")``, a
+phase with a ``shard_root`` runs on FSDP2-sharded parameters: :mod:`surgeon.distill.sharding`).
+Gradient accumulation, bf16 autocast, gradient clipping, AdamW with constant / cosine / plateau
+schedules, tqdm progress, loss curves, and checkpoints that resume *exactly*: trainable tensors,
+optimizer and scheduler state, every RNG and the data position (a pure function of the step) are
+saved, and a resumed run repeats the uninterrupted one bit for bit.
 
 Example:
     >>> order = DataOrder(n_items=5, batch_size=2, seed=0)

@@ -9,6 +9,11 @@ full weights are gathered back into the *same* ``nn.Parameter`` objects and FSDP
 modules again (hooks, class, state), so the stage that follows (peft ``merge_and_unload``, layer
 reports, export) sees a plain model. With one process nothing is sharded.
 
+Only stage 2 (LoRA + KD) is sharded. FSDP reduces gradients from autograd hooks on its modules' outputs;
+stage 1's loss is read from inside the attention layers (their linear output against the softmax one,
+while the layers pass the teacher's softmax output on, which needs no gradient), so FSDP would never see
+its backward: stage 1 runs replicated (gradients all-reduced), in every ``transfer_mode``.
+
 Example (which modules become their own FSDP unit: the elements of repeated-block lists):
     >>> import torch.nn as nn
     >>> net = nn.Sequential(nn.Embedding(5, 4), nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]))
