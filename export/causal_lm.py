@@ -106,12 +106,16 @@ def _rename_dims(proto: Any) -> bool:
 def _export_graph(module: nn.Module, args: tuple, in_names: list[str], out_names: list[str],
                   dynamic: tuple, in_dims: list[dict[int, str]], out_dims: list[dict[int, str]],
                   path: Path, opset: int | None) -> GraphSpec:
+    """One graph through the dynamo exporter. The exporter's own onnxscript optimizer is skipped: on a
+    30-layer model it took about half the export time, and onnxruntime applies the same constant
+    folding and dead-code removal when it loads the graph (measured: equal prefill and decode speed)."""
     import onnx
 
     try:
         with quiet_exporter():
             torch.onnx.export(module, args, str(path), dynamo=True, external_data=True, dynamic_shapes=dynamic,
-                              input_names=in_names, output_names=out_names, opset_version=opset, verbose=False)
+                              input_names=in_names, output_names=out_names, opset_version=opset, verbose=False,
+                              optimize=False)
     except Exception as e:
         raise _exporter_error(module, e, args, dynamic) from e
     proto = onnx.load(str(path), load_external_data=False)
