@@ -247,7 +247,7 @@ def main() -> None:
         max_minutes=preset["stage2_minutes"], warmup_steps=5, **{**common, "output_dir": str(work / "stage2")}))
     student = r2.model.eval()
     s2_min = r2.seconds["lora"] / 60
-    final = record("after stage 2", s1_min + s2_min, s1_tokens + r2.tokens.get("lora", 0))
+    record("after stage 2", s1_min + s2_min, s1_tokens + r2.tokens.get("lora", 0))
 
     # agreement, long-prompt greedy, short-prompt agreement, needle beyond the window
     agree = agreement(student, teacher, windows[1024])
@@ -271,7 +271,7 @@ def main() -> None:
 
     baseline_rows = [r for r in rows if r["kind"] == "baseline"]
     equal_state = [r for r in baseline_rows if r.get("equal_state_window") == eq_window]
-    pareto = sorted(rows, key=lambda r: r["state_MiB"])
+    by_state = sorted(rows, key=lambda r: r["state_MiB"])
     result = {
         "mode": mode, "model": "SmolLM2-135M-Instruct", "config": config.to_dict(),
         "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}, fp32, eager PyTorch",
@@ -304,7 +304,7 @@ def main() -> None:
     result["minutes_total"] = round((time.perf_counter() - t0) / 60, 1)
     path.write_text(json.dumps(result, indent=2, default=str))
     cols = ["model", "state_MiB", "train_min"] + [f"ratio@{c}" for c in contexts]
-    print(format_table(cols, [{k: r.get(k, "-") for k in cols} for r in pareto]))
+    print(format_table(cols, [{k: r.get(k, "-") for k in cols} for r in by_state]))
     _plot(result, out / f"distill_smollm2{'_quick' if args.quick else ''}.png")
     log(f"wrote {path}")
 
