@@ -1,33 +1,17 @@
 """surgeon.distill data-parallel: 2 processes (torchrun / accelerate's MULTI_CPU, gloo) x batch 1 = 1 process x batch 2."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from processes import run_python, torchrun
 
 WORKER = Path(__file__).parent / "data_parallel_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_two_processes_train_exactly_like_one_with_the_global_batch(tmp_path):
-    _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-          str(WORKER), str(tmp_path / "two"), "1"])
-    _run([str(WORKER), str(tmp_path / "one"), "2"])
+    torchrun(str(WORKER), str(tmp_path / "two"), "1")
+    run_python([str(WORKER), str(tmp_path / "one"), "2"])
     rank0, rank1 = (torch.load(tmp_path / f"two.rank{r}.pt") for r in (0, 1))
     single = torch.load(tmp_path / "one.rank0.pt")
     assert (rank0["world"], rank1["world"], single["world"]) == (2, 2, 1)

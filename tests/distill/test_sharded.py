@@ -2,14 +2,11 @@
 train exactly like 1 process with the global batch; the returned model is whole and plain again."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import run_python, torchrun
 
 from surgeon.core.errors import ConfigError
 from surgeon.distill import DistillConfig
@@ -17,22 +14,9 @@ from surgeon.distill import DistillConfig
 WORKER = Path(__file__).parent / "sharded_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_sharded_two_processes_train_like_one_with_the_global_batch(tmp_path):
-    _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-          str(WORKER), str(tmp_path / "two"), "1"])
-    _run([str(WORKER), str(tmp_path / "one"), "2"])        # same config (shard="fsdp"): one process shards nothing
+    torchrun(str(WORKER), str(tmp_path / "two"), "1")
+    run_python([str(WORKER), str(tmp_path / "one"), "2"])        # same config (shard="fsdp"): one process shards nothing
     rank0, rank1 = (torch.load(tmp_path / f"two.rank{r}.pt") for r in (0, 1))
     single = torch.load(tmp_path / "one.rank0.pt")
     assert (rank0["world"], rank1["world"], single["world"]) == (2, 2, 1)
