@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from surgeon.core.errors import ConfigError, PlanError
 from surgeon.ops.activation import MaskedReLU, activation
 from surgeon.ops.losses import distillation_kl
+from surgeon.passes.relu.batchnorm import batchnorms, freeze_batchnorm, recalibrate_batchnorm
 from surgeon.passes.relu.calibration import linear_fraction
 from surgeon.ops.poly_units import MaskedPolyReLU, least_squares_coef
 from surgeon.core.report import Report
@@ -277,6 +278,14 @@ class BudgetSearchConfig:
     group_penalty: bool = False      # Disparate-Impact mitigation during fine-tuning
     group_mu: float = 0.05           # dual step for λ_g
     seed: int = 0
+    #: BatchNorm during search and fine-tuning: ``"train"`` normalises with batch statistics and
+    #: updates the running ones (right for a net trained on the same data); ``"frozen"`` uses and
+    #: keeps the running statistics, so the model trained is the one evaluated (a pretrained net
+    #: fine-tuned on a few images; see ``surgeon.passes.relu.batchnorm``)
+    bn_mode: Literal["train", "frozen"] = "train"
+    #: after the masks are frozen, re-estimate BatchNorm statistics relative to the original
+    #: (:func:`surgeon.passes.relu.batchnorm.recalibrate_batchnorm`) before fine-tuning
+    recalibrate_bn: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -344,6 +353,14 @@ def _soft_count(units: dict[str, MaskedReLU], hard: bool) -> torch.Tensor:
     return total
 
 
+def _train_mode(model: nn.Module, config: BudgetSearchConfig) -> None:
+    if config.bn_mode not in ("train", "frozen"):
+        raise ConfigError(f"BudgetSearchConfig.bn_mode must be 'train' or 'frozen', got {config.bn_mode!r}")
+    model.train()
+    if config.bn_mode == "frozen":
+        freeze_batchnorm(model)
+
+
 def _group_ids(groups: Any, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     if isinstance(groups, str) and groups == "labels":
         if y is None:
@@ -376,7 +393,7 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Any, config: BudgetSear
     lambdas: dict[int, float] = {}
     gen = torch.Generator().manual_seed(config.seed)
     cache: dict[int, torch.Tensor] = {}
-    model.train()
+    _train_mode(model, config)
     for epoch in range(epochs):
         gaps: dict[int, float] = {}
         total = 0.0
@@ -426,6 +443,8 @@ def search_relu_budget(model: Any, data: Any, budget: int | float | None = None,
         groups: for ``config.group_penalty``: ``"labels"`` or ``fn(inputs, labels) -> group ids``.
     """
     config = config or BudgetSearchConfig()
+    if config.bn_mode not in ("train", "frozen"):
+        raise ConfigError(f"BudgetSearchConfig.bn_mode must be 'train' or 'frozen', got {config.bn_mode!r}")
     if method not in ("snl", "autorep", "calibration"):
         raise ConfigError(f"method must be 'snl', 'autorep' or 'calibration', got {method!r}")
     surgery = None
@@ -446,10 +465,16 @@ def search_relu_budget(model: Any, data: Any, budget: int | float | None = None,
     batches = _batches(data)
     polys = [u for u in units.values() if isinstance(u, MaskedPolyReLU)]
     torch.manual_seed(config.seed)
-    if polys and not all(bool(u.calibrated) for u in polys):
-        fit_polynomials(model, [b[0] for b in batches], clip=config.poly_clip)
     teacher = teacher if teacher is not None else _teacher_of(model)
     teacher.eval()
+    if config.recalibrate_bn:
+        missing = sorted(set(batchnorms(model)) - set(batchnorms(teacher)))
+        if not batchnorms(model) or missing:
+            raise ConfigError("recalibrate_bn=True needs BatchNorm layers in the model, at the same module paths in "
+                              f"the teacher ({'none in the model' if not batchnorms(model) else 'teacher lacks ' + str(missing[:3])}); "
+                              "pass recalibrate_bn=False or teacher=None (the original)")
+    if polys and not all(bool(u.calibrated) for u in polys):
+        fit_polynomials(model, [b[0] for b in batches], clip=config.poly_clip)
     history: list[dict[str, Any]] = []
     tie = _calibration_scores(model, batches)  # breaks ties (e.g. masks clamped to 0) by non-linearity
 
@@ -467,6 +492,9 @@ def search_relu_budget(model: Any, data: Any, budget: int | float | None = None,
         for u in polys:
             u.calibrated.fill_(False)
         fit_polynomials(model, [b[0] for b in batches], clip=config.poly_clip)
+    if config.recalibrate_bn:
+        ratios = recalibrate_batchnorm(model, batches, teacher=teacher)
+        history.append({"phase": "recalibrate_bn", "max_std_ratio": max(ratios.values(), default=1.0)})
     history += finetune(model, teacher, batches, config, groups=groups)
     kept = kept_relus(model)
     rows = []
@@ -500,7 +528,7 @@ def _train_masks(model: nn.Module, teacher: nn.Module, batches: list, k: int, to
     gen = torch.Generator().manual_seed(config.seed)
     best_count, stall = float("inf"), 0
     cache: dict[int, torch.Tensor] = {}
-    model.train()
+    _train_mode(model, config)
     for epoch in range(config.epochs):
         for i in torch.randperm(len(batches), generator=gen).tolist():
             x, y = batches[i]
