@@ -116,6 +116,9 @@ def main() -> None:
                     help="decode-state budget as a fraction of the softmax KV cache at 8K tokens")
     ap.add_argument("--feature-dim", type=int, default=16, help="hedgehog projection per head (φ has 2× features)")
     ap.add_argument("--sinks", type=int, default=SINKS)
+    ap.add_argument("--linear-weight-init", type=float, default=1e-6,
+                    help="initial λ of the linear branch (1e-6: the untrained hybrid is sinks + window exactly; "
+                         "1e-3 costs 1.07 -> 1.43 @1024 at window 256 before training)")
     ap.add_argument("--stage1-minutes", type=float)
     ap.add_argument("--stage2-minutes", type=float)
     ap.add_argument("--threads", type=int, default=2)
@@ -178,7 +181,8 @@ def main() -> None:
     # hybrid planning: measured per-layer transfer error at each candidate window, under the state budget at 8K
     budget_bytes = int(args.budget * kv_bytes(8192))
     plan_packs = pack(pydoc_texts("train"), 1024, tok, what="planning text")[:2]
-    linearize = dict(feature_map="hedgehog", feature_dim=args.feature_dim, sinks=args.sinks)
+    linearize = dict(feature_map="hedgehog", feature_dim=args.feature_dim, sinks=args.sinks,
+                     linear_weight_init=args.linear_weight_init)
     candidates = [args.window] if args.window else [int(w) for w in args.windows.split(",")]
     errors = measure_errors(teacher, plan_packs, candidates, **linearize)
     state_fn = state_bytes_fn(n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, features=2 * args.feature_dim,
