@@ -488,6 +488,8 @@ def search_relu_budget(model: Any, data: Any, budget: int | float | None = None,
     select_top_k(model, k, scores)
     for u in relu_units(model).values():
         u.mask.requires_grad_(False)
+    if polys and config.recalibrate_bn:  # refit on activations at the original's scale, not run-away ones
+        recalibrate_batchnorm(model, batches, teacher=teacher)
     if polys:
         for u in polys:
             u.calibrated.fill_(False)

@@ -114,3 +114,22 @@ def test_bad_bn_options_leave_the_model_untouched():
         recalibrate_batchnorm(p.model, [torch.randn(8, 4)])
     with pytest.raises(ConfigError, match="no MaskedReLU"):
         recalibrate_batchnorm(net, [data[0][0]])
+
+
+def test_polynomial_units_are_refit_at_the_original_scale():
+    """With recalibrate_bn, polynomial units are refit after the BN statistics are corrected: a quadratic fitted
+    to run-away activations would compound them (inf / NaN in deep nets)."""
+    net = _deep_net(depth=12)
+    data = [(_data(20 + i), None) for i in range(2)]
+    held_out = _data(30, n=16)  # unseen inputs (a partially kept channel fixes the spatial size)
+    scales = {}
+    for recal in (False, True):
+        s = surgeon.apply(net, LinearizeReLU(granularity="channel", budget=0.05, units="poly"),
+                          example_inputs=data[0][0][:2])
+        search_relu_budget(s, data, method="calibration",
+                           config=BudgetSearchConfig(finetune_epochs=0, bn_mode="frozen", recalibrate_bn=recal))
+        with torch.no_grad():
+            out = s.model(held_out)
+        scales[recal] = _scale(out, net(held_out)) if torch.isfinite(out).all() else float("inf")
+    assert scales[False] > 5.0, scales
+    assert 0.5 < scales[True] < 2.0, scales
