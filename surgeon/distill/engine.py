@@ -300,6 +300,7 @@ def _run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoi
         sched.load_state_dict(resume["scheduler"])
         set_rng_state(resume["rng"])
         step = resume["step"]
+    first_step = step
     accum = config.grad_accum
     tokens_per_step = phase.tokens_per_item * config.batch_size * accum * accelerator.num_processes
     bar = _progress(phase, config, accelerator, step, deadline)
@@ -361,6 +362,8 @@ def _run_phase(phase: Phase, config: DistillConfig, accelerator, ckpts: Checkpoi
                                 "tokens": step * tokens_per_step, **{f"loss/{k}": v for k, v in parts_sum.items()}})
             if bar is not None:
                 bar.update()
+                if deadline is not None:
+                    fit_total_to_budget(bar, step - first_step, time.perf_counter() - start, deadline, phase.steps)
                 bar.set_postfix_str(f"loss {total:.4g}")
             info = {"stage": phase.stage, "phase": phase.index, "step": step, "loss": total}
             if step % config.checkpoint_every == 0 or step == phase.steps:
@@ -433,6 +436,24 @@ def _progress(phase: Phase, config: DistillConfig, accelerator, initial: int, de
     cap = "≤ " if phase.stopping is not None or deadline is not None else ""
     return tqdm(total=phase.steps, initial=initial, desc=f"{label} ({phase.name}{budget}, {cap}{phase.steps} steps)",
                 unit="step", leave=False)
+
+
+def fit_total_to_budget(bar: Any, steps_taken: int, seconds: float, deadline: float, cap: int) -> None:
+    """Under a time budget, the bar's total becomes the steps the budget allows at the pace measured so
+    far (never above the step cap), so its count and time left show the budget, not the cap.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> bar = SimpleNamespace(n=10, total=10_000, refresh=lambda: None)
+        >>> fit_total_to_budget(bar, 10, 5.0, time.perf_counter() + 5.0, 10_000)   # 0.5 s a step, 5 s left
+        >>> bar.total
+        20
+    """
+    if steps_taken < 1:
+        return
+    left = max(deadline - time.perf_counter(), 0.0)
+    bar.total = max(bar.n, min(cap, bar.n + round(left * steps_taken / max(seconds, 1e-9))))
+    bar.refresh()
 
 
 def _stop_non_finite(phase: Phase, step: int, parts: dict[str, float], ckpts: Checkpoints, what: str,
