@@ -49,7 +49,10 @@ class LinearizeAttention(PassConfig):
             on pretrained models is far better than an untrained linear branch (SmolLM2 @1024, window 64,
             4 sinks: ratio 1.51 at λ→0, 1.92 at λ=0.01, 79 at λ=1; benchmarks/results/hybrid_init_smollm2.json);
             attention transfer then raises it
-            where the linear branch helps. Pure linear attention (window 0, no sinks) has no λ.
+            where the linear branch helps. The linear terms sum over every key beyond the window, so a
+            smaller φ (larger φ(q)·φ(k)) needs a smaller start: with hedgehog ``feature_dim=16`` at
+            window 256, λ = 1e-3 costs 1.07 → 1.43 in perplexity ratio before training, 1e-6 costs
+            nothing (``benchmarks/distill_smollm2.py`` starts there). Pure linear attention (window 0, no sinks) has no λ.
         window_weight_init: initial per-head weight γ of the softmax terms (a sigmoid of a learnable
             logit; LoLCATs initialises 0.1); linear terms have weight 1.
         local: bidirectional models only: keep softmax inside a local window around each query
