@@ -5,8 +5,10 @@ window 64 on all 30 layers, untrained feature maps: speed and memory do not depe
 original (every layer softmax, with its KV cache) are both exported through the project's own stateful
 prefill/decode export (``export_causal_lm``; the original with ``softmax_only=True``), and both run in
 torch eager (the original with SDPA + ``DynamicCache``, the linearized model with its own cache layers).
-Every engine is warmed up (one untimed prefill, and untimed decode steps before each timed decode) before
-anything is timed. Every row records its runtime and thread count.
+Prefill computes the last position's logits only, in every engine (eager: ``logits_to_keep=1``; ONNX:
+``last_logits_only=True``), as generation does. Every engine is warmed up (one untimed prefill, and
+untimed decode steps before each timed decode) before anything is timed. Every row records its runtime
+and thread count.
 
     python benchmarks/long_context.py [--lengths 512 ... 16384] [--contexts 128 ... 8192] [--threads 2]
 
@@ -101,7 +103,7 @@ def _export(model: torch.nn.Module, path: Path, **kw: Any) -> Path:
     if not (path / "manifest.json").is_file():
         tqdm.write(f"exporting {path.name} (prefill + decode)...")
         try:
-            export_causal_lm(model, path, overwrite=True, **kw)
+            export_causal_lm(model, path, overwrite=True, last_logits_only=True, **kw)
         except TypeError as e:
             if "softmax_only" not in str(e):
                 raise
@@ -129,7 +131,7 @@ def main() -> None:
 
     original, _ = load_smollm2()
     original.eval()
-    linear = surgeon.apply(original, LinearizeAttention(feature_map="hedgehog", window=64)).model.eval()
+    linear = surgeon.apply(original, LinearizeAttention(feature_map="hedgehog", window=64)).model.eval()   # + 4 sinks
     dirs = {"linear": _export(linear, work / "linear_kv"),
             "original": _export(original, work / "original_kv", softmax_only=True)}
     eng = Engines(original, linear, dirs, args.threads)
@@ -170,7 +172,7 @@ def main() -> None:
                                                       "state_bytes"], decode))
     print()
     print(Report("linearized vs original, same runtime", list(comparisons[0]) if comparisons else [], comparisons))
-    out = {"model": "SmolLM2-135M-Instruct; linearized: 30/30 layers LinearizeAttention(hedgehog, window=64); "
+    out = {"model": "SmolLM2-135M-Instruct; linearized: 30/30 layers LinearizeAttention(hedgehog, window=64, 4 sinks); "
                     "original: every layer softmax, exported with export_causal_lm(softmax_only=True)",
            "threads": args.threads, "torch": torch.__version__, "prefill": prefill, "decode": decode,
            "same_runtime": comparisons,
