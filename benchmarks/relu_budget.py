@@ -217,6 +217,9 @@ def efficientnet_part(out: Path, recipes=("previous", "kd"), train_views: int = 
         res["ort_top1_agreement_with_original_held_out"] = float(
             (got.argmax(-1) == sets["held_out_images"][1].argmax(-1).numpy()).mean())
         res["logit_max_abs"] = float(np.abs(want).max())
+        same = want.argmax(-1) == sets["held_out_images"][1].argmax(-1).numpy()
+        res["held_out_top1_per_image"] = {img: float(np.mean([ok for lab, ok in zip(held_labels, same)
+                                                              if lab.split("/")[0] == img])) for img in HELD_OUT_IMAGES}
         for name, m in (("original", net), ("dense_masked", f.model)):
             surgeon.export.to_onnx(m, Path(tmp) / name, held[:2])
             c = surgeon.export.verify(Path(tmp) / name, m, [(held[:1],)], repeats=10, raise_on_failure=False)
