@@ -76,6 +76,10 @@ def _check_overwrite(out_dir: Path, config: dict[str, Any], overwrite: bool) -> 
                           "to replace it or choose another folder")
 
 
+class FixedDimensionError(ExportError):
+    """A dimension declared dynamic came out as a number in the ONNX graph."""
+
+
 def _specs(names: list[str], tensors: list[torch.Tensor], dims: list[dict[int, str]], proto_values: list[Any]
            ) -> list[TensorSpec]:
     specs = []
@@ -84,8 +88,8 @@ def _specs(names: list[str], tensors: list[torch.Tensor], dims: list[dict[int, s
         shape = [dyn[d] if d in dyn else int(s) for d, s in enumerate(t.shape)]
         for d, declared in dyn.items():
             if d < len(got) and not isinstance(got[d], str):
-                raise ExportError(f"{name} dim {d} ({declared}) came out fixed to {got[d]} in the ONNX graph; "
-                                  "the model specialises it")
+                raise FixedDimensionError(f"{name} dim {d} ({declared}) came out fixed to {got[d]} in the ONNX "
+                                          "graph; the model specialises it")
         vr = [int(t.min()), int(t.max())] if not t.is_floating_point() and t.numel() else None
         specs.append(TensorSpec(name, dtype_name(t.dtype) if v is None else _onnx_dtype(v), shape,
                                 example_shape=list(t.shape), value_range=vr))
@@ -106,16 +110,27 @@ def _rename_dims(proto: Any) -> bool:
 def _export_graph(module: nn.Module, args: tuple, in_names: list[str], out_names: list[str],
                   dynamic: tuple, in_dims: list[dict[int, str]], out_dims: list[dict[int, str]],
                   path: Path, opset: int | None) -> GraphSpec:
-    """One graph through the dynamo exporter. The exporter's own onnxscript optimizer is skipped: on a
+    """One graph through the dynamo exporter, first without the exporter's onnxscript optimizer: on a
     30-layer model it took about half the export time, and onnxruntime applies the same constant
-    folding and dead-code removal when it loads the graph (measured: equal prefill and decode speed)."""
+    folding and dead-code removal when it loads the graph (measured: equal prefill and decode speed).
+    Some graphs (a softmax layer's KV-cache validity) only get their dynamic output dims from the
+    optimizer's shape propagation; those are exported again with it."""
+    try:
+        return _export_graph_once(module, args, in_names, out_names, dynamic, in_dims, out_dims, path, opset, False)
+    except FixedDimensionError:
+        return _export_graph_once(module, args, in_names, out_names, dynamic, in_dims, out_dims, path, opset, True)
+
+
+def _export_graph_once(module: nn.Module, args: tuple, in_names: list[str], out_names: list[str],
+                       dynamic: tuple, in_dims: list[dict[int, str]], out_dims: list[dict[int, str]],
+                       path: Path, opset: int | None, optimize: bool) -> GraphSpec:
     import onnx
 
     try:
         with quiet_exporter():
             torch.onnx.export(module, args, str(path), dynamo=True, external_data=True, dynamic_shapes=dynamic,
                               input_names=in_names, output_names=out_names, opset_version=opset, verbose=False,
-                              optimize=False)
+                              optimize=optimize)
     except Exception as e:
         raise _exporter_error(module, e, args, dynamic) from e
     proto = onnx.load(str(path), load_external_data=False)
