@@ -129,3 +129,16 @@ def test_demo_cost_table_is_the_cost_model_of_the_demo_configuration():
     costs = cost_rows([layer] * 30, REPORT_CONTEXTS, 4)
     lines = [line for line in format_table(list(costs[0]), costs).splitlines() if not line.startswith("-")]
     assert " ".join(" ".join(lines).split()) in README
+
+
+def test_efficientnet_relu_budget_verdict_is_the_recorded_run():
+    r = result("relu_budget_efficientnet.json")
+    kd = r["recipes"][r["final_recipe"]]
+    s = claim(r"held-out top-1 agreement with the original is (?P<before>[\d.]+) before and (?P<after>[\d.]+) after "
+              r"(?P<steps>\d+) KD steps, while KL\(original‖student\) falls from (?P<kl0>[\d.]+) to (?P<kl1>[\d.]+)")
+    check(s, {"before": r["held_out_top1_before_finetune"], "after": r["held_out_top1_after_finetune"],
+              "steps": kd["finetune_steps"], "kl0": kd["after_search"]["held_out_images"]["kl"],
+              "kl1": kd["after_finetune"]["held_out_images"]["kl"]})
+    assert r["verdict"] == "fails" and '"verdict": "fails"' in README
+    s = claim(r"even the training views agree only (?P<train>[\d.]+) % of the time")
+    check(s, {"train": 100 * r["train_views_top1_after_finetune"]})
