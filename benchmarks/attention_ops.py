@@ -174,6 +174,9 @@ def main() -> None:
     for r in rows:
         r["speed-up vs sdpa"] = sdpa[r["T"]] / r["ms"] if r["ms"] and r["T"] in sdpa else None
     growth = linear_time(rows)
+    for g_row in tqdm(growth, desc="linear time, paired"):
+        T = g_row["T"]
+        g_row["ratio_paired"] = paired_growth(g_row["feature_map"], g_row["window"], g_row["chunk"], data[T // 4], data[T])
     columns = ["feature_map", "window", "T", "form", "chunk", "ms", "GFLOP/s", "vs matmul", "vs same-size matmul",
                "speed-up vs sdpa", "note"]
     table = Report(f"attention ops (fp32, batch 1, 9 q / 3 kv heads, D=64; {torch.get_num_threads()} threads; "
@@ -188,7 +191,8 @@ def main() -> None:
     for key, per_chunk in best.items():
         print(" ", key, {c: round(statistics.median(v), 3) for c, v in per_chunk.items()})
     if growth:
-        print("\nlinear time: chunked-form time at the longest length / at a quarter of it (target <= 4.5):")
+        print("\nlinear time: chunked-form time at the longest length / at a quarter of it (target <= 4.5; "
+              "ratio_paired: the two timed back to back):")
         for g in growth:
             print(" ", g)
     out = Path(args.out)
@@ -199,6 +203,22 @@ def main() -> None:
          "linear_time": growth, "rows": rows}, indent=2))
     plot(rows, out / f"{args.name}.png")
     print(f"\nwrote {out / f'{args.name}.json'} and {out / f'{args.name}.png'}")
+
+
+def paired_growth(kind: str, window: int, chunk: int, short: tuple, long: tuple, rounds: int = 5) -> float:
+    """Median over ``rounds`` of (time at the long length / time at the short one), the two timed back to
+    back (one warm-up each first) so both see the same machine load; on a shared CPU the separate
+    timings of :func:`linear_time` can be minutes apart."""
+    fq, fk = make_feature_map(kind, H, D), make_feature_map(kind, HKV, D)
+
+    def once(q, k, v) -> float:
+        t0 = time.perf_counter()
+        linear_attention(q, k, v, fq, fk, scale=D ** -0.5, window=window, form="chunked", chunk_size=chunk)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        once(*short), once(*long)
+        return statistics.median(once(*long) / once(*short) for _ in range(rounds))
 
 
 def linear_time(rows: list[dict]) -> list[dict]:

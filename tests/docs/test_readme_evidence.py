@@ -86,9 +86,13 @@ def test_compile_benchmark_sentence_is_the_recorded_run():
 
 
 def test_linear_time_range_is_the_recorded_run():
-    ratios = [row["ratio_vs_quarter"] for row in result("attention_ops_linear_time.json")["linear_time"]]
+    rows = result("attention_ops_linear_time.json")["linear_time"]
+    ratios = [row["ratio_vs_quarter"] for row in rows]
     s = claim(r"the 16 K / 4 K time ratio is (?P<lo>[\d.]+)–(?P<hi>[\d.]+) over the (?P<n>\d+) chunked settings")
     check(s, {"lo": min(ratios), "hi": max(ratios), "n": len(ratios)})
+    paired = [row["ratio_paired"] for row in rows]
+    check(claim(r"same machine load, it is (?P<lo>[\d.]+)–(?P<hi>[\d.]+) \(`ratio_paired`\)"),
+          {"lo": min(paired), "hi": max(paired)})
 
 
 def test_linear_blocks_table_is_the_recorded_run():
