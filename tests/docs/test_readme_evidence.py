@@ -146,3 +146,20 @@ def test_efficientnet_relu_budget_verdict_is_the_recorded_run():
     assert r["verdict"] == "fails" and '"verdict": "fails"' in README
     s = claim(r"even the training views agree only (?P<train>[\d.]+) % of the time")
     check(s, {"train": 100 * r["train_views_top1_after_finetune"]})
+
+
+def test_fidelity_table_and_sentence_are_the_recorded_run():
+    r = result("distill_smollm2.json")
+    rows = {row["model"]: row for row in r["rows"]}
+    final = next(row for name, row in rows.items() if name.endswith("after stage 2"))
+    equal = r["equal_state_baselines"][0]
+    cells = r"\| (?P<state>[\d.]+) MiB \| (?P<r256>[\d.]+) \| (?P<r512>[\d.]+) \| (?P<r1024>[\d.]+) \| (?P<r2048>[\d.]+) \|"
+    for pattern, row in ((r"\| the same after stage 2 \(LoRA \+ KD, \d+ min\) " + cells, final),
+                         (r"\| sinks \+ window \d+, no training \(equal state\) " + cells, equal)):
+        check(claim(pattern), {"state": row["state_MiB"], **{f"r{c}": row[f"ratio@{c}"] for c in (256, 512, 1024, 2048)}})
+    s = claim(r"teacher-forced top-1 agreement @1024 is (?P<top1>[\d.]+) \(KL (?P<kl>[\d.]+)\), greedy agreement on "
+              r"(?P<n>\d+) held-out (?P<len>\d+)-token prompts (?P<greedy>[\d.]+) .*? shorter than the window "
+              r"(?P<short>[\d.]+) after stage 2")
+    check(s, {"top1": r["agreement_1024"]["top1"], "kl": r["agreement_1024"]["kl"], "len": r["long_prompt_tokens"],
+              "greedy": r["greedy_agreement_long_prompts"], "short": r["short_prompt_agreement"]["top1"]})
+    assert sum(r["niah"]["student"]) == 0 and len(r["niah"]["where_teacher_succeeds"]) == 4
