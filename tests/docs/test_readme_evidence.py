@@ -163,3 +163,10 @@ def test_fidelity_table_and_sentence_are_the_recorded_run():
     check(s, {"top1": r["agreement_1024"]["top1"], "kl": r["agreement_1024"]["kl"], "len": r["long_prompt_tokens"],
               "greedy": r["greedy_agreement_long_prompts"], "short": r["short_prompt_agreement"]["top1"]})
     assert sum(r["niah"]["student"]) == 0 and len(r["niah"]["where_teacher_succeeds"]) == 4
+    ev = r["lm_eval"]["metrics"]
+    s = claim(r"word perplexity (?P<orig>[\d.]+) for the original and (?P<dist>[\d.]+) for the distilled model in memory "
+              r"and for its Hugging Face folder alike \(ratio (?P<ratio>[\d.]+);.*? multiple choice (?P<mc>[\d.]+) for all three")
+    check(s, {"orig": ev["original"]["surgeon_pydoc_ppl"]["word_perplexity"],
+              "dist": ev["surgered"]["surgeon_pydoc_ppl"]["word_perplexity"],
+              "ratio": r["lm_eval"]["word_perplexity_ratio"]["surgered"], "mc": ev["original"]["surgeon_python_mc"]["acc"]})
+    assert ev["hf"] == ev["surgered"] and ev["surgered"]["surgeon_python_mc"] == ev["original"]["surgeon_python_mc"]
