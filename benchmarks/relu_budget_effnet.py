@@ -138,15 +138,11 @@ def relu6_clip_report(model: nn.Module, views: torch.Tensor) -> dict[str, Any]:
     from surgeon.ops.activation import MaskedReLU
 
     stats: dict[str, list[float]] = {}
-    hooks = [m.register_forward_pre_hook(
-        lambda mod, inp, n=n: stats.setdefault(n, [float((inp[0] > 6).float().mean()), float((inp[0] < 0).float().mean()),
-                                                     float(inp[0].abs().max())]) and None)
-        for n, m in model.named_modules() if isinstance(m, MaskedReLU)]
-    try:
-        logits_of(model, views)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def rec(n: str, mod: MaskedReLU, x: torch.Tensor) -> None:
+        stats.setdefault(n, [float((x > 6).float().mean()), float((x < 0).float().mean()), float(x.abs().max())])
+
+    run_with_unit_inputs(model, views, rec)
     above = [v[0] for v in stats.values()]
     return {"sites": len(stats), "mean_fraction_above_6": float(np.mean(above)),
             "max_fraction_above_6": float(np.max(above)), "sites_with_over_1pct_above_6": int(sum(a > 0.01 for a in above)),
@@ -166,14 +162,21 @@ def identity_input_scale(model: nn.Module, views: torch.Tensor) -> dict[str, flo
         if bool(off.any()):
             out[n] = float(x.abs()[:, off].max())
 
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: rec(n, mod, inp[0]))
+    run_with_unit_inputs(model, views, rec)
+    return out
+
+
+def run_with_unit_inputs(model: nn.Module, views: torch.Tensor, record) -> None:
+    """Run ``model`` on ``views`` calling ``record(name, unit, input)`` before every ReLU unit."""
+    from surgeon.ops.activation import MaskedReLU
+
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: record(n, mod, inp[0]))
              for n, m in model.named_modules() if isinstance(m, MaskedReLU)]
     try:
         logits_of(model, views)
     finally:
         for h in hooks:
             h.remove()
-    return out
 
 
 # ------------------------------------------------------------------------------------------- the run
