@@ -170,3 +170,26 @@ def test_fidelity_table_and_sentence_are_the_recorded_run():
               "dist": ev["surgered"]["surgeon_pydoc_ppl"]["word_perplexity"],
               "ratio": r["lm_eval"]["word_perplexity_ratio"]["surgered"], "mc": ev["original"]["surgeon_python_mc"]["acc"]})
     assert ev["hf"] == ev["surgered"] and ev["surgered"]["surgeon_python_mc"] == ev["original"]["surgeon_python_mc"]
+
+
+def test_long_context_sentence_is_the_recorded_run():
+    r = result("long_context.json")
+    same = {(c["phase"], c["tokens"], c["runtime"]): c for c in r["same_runtime"]}
+    decode = {(d["context"], d["model"], d["runtime"].split()[0]): d for d in r["decode"]}
+    s = claim(r"at 8 K tokens the linearized prefill is (?P<ort>[\d.]+)× faster in onnxruntime \((?P<ort_l>[\d.]+) s vs "
+              r"(?P<ort_o>[\d.]+) s\) and (?P<eag>[\d.]+)× in eager \((?P<eag_l>[\d.]+) s vs (?P<eag_o>[\d.]+) s\)")
+    o8, e8 = same[("prefill", 8192, "onnxruntime")], same[("prefill", 8192, "eager")]
+    check(s, {"ort": o8["speedup"], "ort_l": o8["linear"], "ort_o": o8["original"], "eag": e8["speedup"],
+              "eag_l": e8["linear"], "eag_o": e8["original"]})
+    s = claim(r"onnxruntime: (?P<l128>[\d.]+) / (?P<l2k>[\d.]+) ms at 128 / 2 K context for the linearized model against "
+              r"(?P<o128>[\d.]+) / (?P<o2k>[\d.]+) ms for the original \((?P<x>[\d.]+)× faster at 2 K\); in eager the "
+              r"linearized step is slower \((?P<el128>[\d.]+) / (?P<el2k>[\d.]+) ms against (?P<eo128>[\d.]+) / (?P<eo2k>[\d.]+) ms\)")
+    check(s, {"l128": decode[(128, "linear", "onnxruntime")]["ms_per_token"],
+              "l2k": decode[(2048, "linear", "onnxruntime")]["ms_per_token"],
+              "o128": decode[(128, "original", "onnxruntime")]["ms_per_token"],
+              "o2k": decode[(2048, "original", "onnxruntime")]["ms_per_token"],
+              "x": same[("decode", 2048, "onnxruntime")]["speedup"],
+              "el128": decode[(128, "linear", "torch")]["ms_per_token"], "el2k": decode[(2048, "linear", "torch")]["ms_per_token"],
+              "eo128": decode[(128, "original", "torch")]["ms_per_token"], "eo2k": decode[(2048, "original", "torch")]["ms_per_token"]})
+    s = claim(r"decode state is (?P<lin>[\d,]+) bytes at any context; the original's KV cache is (?P<kv>[\d,]+) bytes at 2 K")
+    check(s, {"lin": decode[(2048, "linear", "torch")]["state_bytes"], "kv": decode[(2048, "original", "torch")]["state_bytes"]})
