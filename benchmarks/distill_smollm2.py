@@ -119,6 +119,10 @@ def main() -> None:
     ap.add_argument("--linear-weight-init", type=float, default=1e-6,
                     help="initial λ of the linear branch (1e-6: the untrained hybrid is sinks + window exactly; "
                          "1e-3 costs 1.07 -> 1.43 @1024 at window 256 before training)")
+    ap.add_argument("--stage2", choices=["lora", "linear-branch"], default="lora",
+                    help="what stage 2 trains: LoRA on q/k/v/o (LoLCATs), or only the linear branch (feature maps, "
+                         "λ), which leaves every original weight untouched (prompts within the window stay exact)")
+    ap.add_argument("--stage2-lr", type=float, default=None, help="stage-2 learning rate (default 1e-3)")
     ap.add_argument("--stage1-minutes", type=float)
     ap.add_argument("--stage2-minutes", type=float)
     ap.add_argument("--threads", type=int, default=2)
@@ -247,7 +251,8 @@ def main() -> None:
     prose = pydoc_texts("train")
     data = [t for pair in zip(chat, prose) for t in pair] + prose[len(chat):]
     r2 = surgeon.distill(student, data=data, tokenizer=tok, teacher=teacher, config=surgeon.DistillConfig(
-        stages=["lora"], seq_len=preset["stage2_seq"], lora_steps=preset["lora_steps"], lora_lr=1e-3,
+        stages=["lora"], seq_len=preset["stage2_seq"], lora_steps=preset["lora_steps"], lora_lr=args.stage2_lr or 1e-3,
+        **({"lora_targets": [], "lora_train_feature_maps": True} if args.stage2 == "linear-branch" else {}),
         max_minutes=preset["stage2_minutes"], warmup_steps=5, **{**common, "output_dir": str(work / "stage2")}))
     student = r2.model.eval()
     s2_min = r2.seconds["lora"] / 60
@@ -294,7 +299,8 @@ def main() -> None:
                    "stopped_at_budget": r1.stopped_early.get("transfer")},
         "stage2": {"minutes": round(s2_min, 2), "tokens": r2.tokens.get("lora"),
                    "tokens_per_s": round(r2.tokens.get("lora", 0) / max(r2.seconds["lora"], 1e-9), 1),
-                   "stopped_at_budget": r2.stopped_early.get("lora"), "data": f"{len(chat)} teacher chat answers + prose"},
+                   "stopped_at_budget": r2.stopped_early.get("lora"), "data": f"{len(chat)} teacher chat answers + prose",
+                   "trains": args.stage2, "lr": args.stage2_lr or 1e-3},
         "equal_state_baselines": equal_state,
         "targets": {"quick_ratio_1024": 1.30, "full_ratio_1024": 1.15, "greedy_long": 0.60, "short_agreement": 0.99},
         "minutes_total": round((time.perf_counter() - t0) / 60, 1),

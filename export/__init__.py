@@ -18,10 +18,12 @@ from surgeon.export.onnx_export import ExportResult, flatten_outputs, to_onnx
 from surgeon.export.ort_optimize import OptimizeReport, optimize
 from surgeon.export.verify import VerifyReport, verify
 from surgeon.export.verify_lm import LMVerifyReport, verify_causal_lm
+from surgeon.export.weights import WeightUpdate, update_weights
+from surgeon.export.background import BackgroundExport
 
 __all__ = [
     "to_onnx", "verify", "export_causal_lm", "OnnxGenerator", "verify_causal_lm", "LMVerifyReport", "ExportResult", "VerifyReport", "load_manifest",
     "Manifest", "GraphSpec", "TensorSpec", "flatten_outputs", "optimize", "OptimizeReport",
     "locate_divergence", "DivergenceReport", "weight_mismatches", "Criterion", "DEFAULT_CRITERION",
-    "to_hf", "to_genai",
+    "to_hf", "to_genai", "update_weights", "WeightUpdate", "BackgroundExport",
 ]

@@ -153,12 +153,9 @@ def _check(crit: Criterion, case: str, name: str, got: np.ndarray, ref: np.ndarr
 
 def _exported_prefill(gen: OnnxGenerator, model: nn.Module) -> nn.Module:
     """The module prefill.onnx was exported from (its parameter names are the graph's initializer names)."""
-    prefill = PrefillLM(model)
-    if not gen.manifest.exporter.get("prefill_pads"):
-        return prefill
-    from surgeon.export.prompt_padding import AnyLengthPrefill
+    from surgeon.export.weights import exported_modules
 
-    return AnyLengthPrefill(prefill, gen.chunk, bool(gen.manifest.exporter.get("last_logits_only")))
+    return exported_modules(gen.manifest, model)["prefill"]
 
 
 def _weights(path: str | Path, prefill: nn.Module, model: nn.Module) -> dict[str, float]:

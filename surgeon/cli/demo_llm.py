@@ -4,8 +4,9 @@ load → answer a long prompt (a held-out passage of a few hundred tokens + a qu
 the attention goes through the linear branch) → LinearizeAttention on all 30 layers → report
 (attention FLOPs and decode state vs. the softmax KV cache at 1 K / 8 K / 32 K) → answer again →
 quick distillation (perplexity before / after, agreement on prompts shorter than the window) → save
-the surgery → export prefill/decode ONNX graphs → verify them against PyTorch in onnxruntime (the
-same criterion as ``surgeon verify``) → answer again on onnxruntime. The answers are printed side
+the surgery → prefill/decode ONNX graphs (traced in a background process while distillation runs, then
+given the distilled weights) → verify them against PyTorch in onnxruntime (the same criterion as
+``surgeon verify``) → answer again on onnxruntime. The answers are printed side
 by side with their token agreement to the original's.
 
 Example:
@@ -66,14 +67,24 @@ def linear_fraction(n_tokens: int, window: int, sinks: int) -> float:
     return (total - exact) / total
 
 
-def _deploy(model, tokenizer, out: Path, prompt: str, max_new_tokens: int, log) -> dict[str, Any]:
-    """Export prefill/decode graphs, verify them in onnxruntime, answer the prompt on onnxruntime."""
+def _deploy(model, tokenizer, out: Path, prompt: str, max_new_tokens: int, log, background=None) -> dict[str, Any]:
+    """Export prefill/decode graphs (or finish the background export with the trained weights), verify them in
+    onnxruntime, answer the prompt on onnxruntime."""
     import surgeon.export
     from surgeon.export import OnnxGenerator, verify_causal_lm
 
     onnx_dir = out / "onnx"
-    exported = surgeon.export.to_onnx(model, onnx_dir, overwrite=True)
-    log(f"exported prefill.onnx + decode.onnx to {onnx_dir} in {exported.seconds:.0f} s")
+    if background is not None:
+        start = time.perf_counter()
+        update = background.finish(model)
+        export_seconds = background.export_seconds
+        log(f"prefill.onnx + decode.onnx were exported in the background while distilling ({export_seconds:.0f} s); "
+            f"the distilled weights written into them in {update.seconds:.1f} s "
+            f"(waited {time.perf_counter() - start:.0f} s)")
+    else:
+        exported = surgeon.export.to_onnx(model, onnx_dir, overwrite=True)
+        export_seconds = exported.seconds
+        log(f"exported prefill.onnx + decode.onnx to {onnx_dir} in {export_seconds:.0f} s")
     report = verify_causal_lm(onnx_dir, model, shapes=[(1, 37), (2, 100), (1, 200)], n_generate=32,
                               raise_on_failure=False)   # the default criterion: the same as `surgeon verify`
     report.save(onnx_dir / "verify.json")
@@ -87,7 +98,8 @@ def _deploy(model, tokenizer, out: Path, prompt: str, max_new_tokens: int, log) 
     seconds = time.perf_counter() - start
     answer = tokens[0, ids["input_ids"].shape[1]:].tolist()
     text = tokenizer.decode(answer, skip_special_tokens=True).strip()
-    return {"tokens": answer, "dir": str(onnx_dir), "export_seconds": round(exported.seconds, 1), "verify_passed": report.passed,
+    return {"tokens": answer, "dir": str(onnx_dir), "export_seconds": round(export_seconds, 1),
+            "exported_while_distilling": background is not None, "verify_passed": report.passed,
             "logits_max_abs": report.max_abs, "greedy_agreement": report.greedy_agreement,
             "decode_ms_per_token": report.decode_ms_per_token, "state_bytes": generator.state_bytes(),
             "text": text, "seconds": round(seconds, 2)}
@@ -126,6 +138,13 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
     surgery.recipe.source = {"model": "smollm2"}
     steps.update()
 
+    background = None
+    if export and distill_minutes > 0:   # the graphs do not depend on the weights: trace them while distilling
+        from surgeon.export.background import BackgroundExport
+
+        background = BackgroundExport.start(surgery, out / "onnx", saved_dir=out / "linearized")
+        log(f"exporting the linearized model to {out / 'onnx'} in a background process (log: {background.log_path})")
+
     steps.set_postfix_str("generate (linearized)")
     text, tokens, sec = _generate(surgery.model, tokenizer, prompt, max_new_tokens)
     answers["linearized"] = {"text": text, "tokens": tokens, "seconds": round(sec, 2)}
@@ -137,8 +156,14 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
         from surgeon.models.smollm2 import cache_dir
 
         steps.set_postfix_str(f"distill ({distill_minutes:g} min)")
-        distilled = quick_distill(surgery.model, tokenizer, teacher=model, minutes=distill_minutes,
-                                  out_dir=out / "distill", chat_cache=cache_dir() / "demo_chat.json", log=log)
+        threads = torch.get_num_threads()
+        if background is not None and threads > 1:
+            torch.set_num_threads(threads - 1)    # one core stays with the export
+        try:
+            distilled = quick_distill(surgery.model, tokenizer, teacher=model, minutes=distill_minutes,
+                                      out_dir=out / "distill", chat_cache=cache_dir() / "demo_chat.json", log=log)
+        finally:
+            torch.set_num_threads(threads)
         text, tokens, sec = _generate(surgery.model, tokenizer, prompt, max_new_tokens)
         answers["distilled"] = {"text": text, "tokens": tokens, "seconds": round(sec, 2)}
         steps.update()
@@ -150,7 +175,7 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
     deployed = None
     if export:
         steps.set_postfix_str("export + verify + generate on onnxruntime")
-        deployed = _deploy(surgery.model, tokenizer, out, prompt, max_new_tokens, log)
+        deployed = _deploy(surgery.model, tokenizer, out, prompt, max_new_tokens, log, background)
         answers["onnxruntime"] = {k: deployed[k] for k in ("text", "tokens", "seconds")}
         steps.update()
     steps.close()

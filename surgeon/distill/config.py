@@ -69,6 +69,9 @@ class DistillConfig(TypedConfig):
         lora_r / lora_alpha / lora_dropout / lora_targets: the peft ``LoraConfig`` (LoLCATs: r=8, α=16,
             dropout 0, q/k/v/o).
         lora_train_feature_maps: also train the stage-1 parameters in stage 2 (LoLCATs freezes them).
+            With ``lora_targets=[]`` stage 2 trains *only* them (no adapters): every weight the original
+            model had stays untouched, so on prompts no longer than the window (where the linear branch
+            sees no token) the distilled model still computes the original exactly.
         temperature: softmax temperature of the KD loss (the KL is scaled by τ²).
         kd_weight / ce_weight: weights of the KL-to-teacher and next-token cross-entropy terms.
         merge: ``merge_and_unload`` the adapters at the end (plain model, ready for export).
@@ -165,9 +168,10 @@ class DistillConfig(TypedConfig):
             raise ConfigError(f"DistillConfig.transfer_min_delta must be >= 0, got {self.transfer_min_delta}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"DistillConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_targets:
-            raise ConfigError("DistillConfig.lora_targets is empty: name the projections to adapt, e.g. "
-                              "['q_proj', 'k_proj', 'v_proj', 'o_proj']")
+        if not self.lora_targets and not self.lora_train_feature_maps:
+            raise ConfigError("DistillConfig.lora_targets is empty and lora_train_feature_maps=False, so stage 2 "
+                              "trains nothing: name the projections to adapt, e.g. ['q_proj', 'k_proj', 'v_proj', "
+                              "'o_proj'], or set lora_train_feature_maps=True to train only the linear branch")
         if self.transfer_packs is not None and self.transfer_packs < 1:
             raise ConfigError(f"DistillConfig.transfer_packs must be >= 1 or None, got {self.transfer_packs}")
         if self.transfer_mode != "block" and self.block_size != 1:

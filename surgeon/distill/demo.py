@@ -1,9 +1,12 @@
 """The distillation step of ``surgeon demo``: the benchmark's recipe within a small budget, measured.
 
-Stage 1 (attention transfer, each layer until its held-out MSE plateaus) then stage 2 (LoRA + KD at
-every position against the original model, on the teacher's own chat answers mixed with prose).
-Reports held-out perplexity before / after against the original and the top-1 agreement with the
-original on prompts shorter than the window, where the converted model started out exact.
+Stage 1 (attention transfer, each layer until its held-out MSE plateaus) then stage 2 (KD at every
+position against the original model, on the teacher's own chat answers mixed with prose). Stage 2
+trains only the linear branch by default (``stage2="linear-branch"``: feature maps and λ, no
+adapters), so every original weight stays as it was and prompts no longer than the window keep the
+original's outputs exactly; ``stage2="lora"`` is the LoLCATs recipe (LoRA on q/k/v/o). Reports
+held-out perplexity before / after against the original and the top-1 agreement with the original
+on prompts shorter than the window.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ def short_prompt_agreement(student: torch.nn.Module, teacher: torch.nn.Module, t
 def quick_distill(model: torch.nn.Module, tokenizer: Any, teacher: torch.nn.Module, minutes: float = 8.0,
                   out_dir: str | Path = "out/demo/distill", context: int = 512, windows: int = 2,
                   short_tokens: int = 48, chat_cache: str | Path | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, stage2: str = "linear-branch",
+                  stage2_lr: float = 1e-3) -> dict[str, Any]:
     """Distil ``model`` in place within ``minutes`` of training (evaluation adds ~1 min); return the measurements."""
     held = pack(pydoc_texts("held_out"), context, tokenizer, what="held-out pydoc text")[:windows]
     was = model.training
@@ -55,8 +59,9 @@ def quick_distill(model: torch.nn.Module, tokenizer: Any, teacher: torch.nn.Modu
     data = [t for pair in zip(chat, prose) for t in pair] + prose[len(chat):]
     left = max(0.5, minutes - (time.perf_counter() - start) / 60)
     r2 = distill(model, data=data, tokenizer=tokenizer, teacher=teacher, config=DistillConfig(
-        stages=["lora"], seq_len=256, lora_steps=10_000, lora_lr=1e-3, warmup_steps=5, max_minutes=left,
-        output_dir=str(out_dir), progress=True))
+        stages=["lora"], seq_len=256, lora_steps=10_000, lora_lr=stage2_lr, warmup_steps=5, max_minutes=left,
+        output_dir=str(out_dir), progress=True,
+        **({"lora_targets": [], "lora_train_feature_maps": True} if stage2 == "linear-branch" else {})))
     trained = r2.model.eval()
     after, agree = perplexity_and_agreement(trained, teacher, held)
     short = short_prompt_agreement(trained, teacher, tokenizer, short_tokens)
@@ -67,7 +72,8 @@ def quick_distill(model: torch.nn.Module, tokenizer: Any, teacher: torch.nn.Modu
               "short_prompt_agreement": short, "short_prompt_tokens": short_tokens,
               "stage1_converged_layers": sum(bool(r.get("converged")) for r in r1.layers),
               "tokens": {"transfer_per_layer": r1.tokens.get("transfer_per_layer"), "lora": r2.tokens.get("lora")},
-              "seconds": round(time.perf_counter() - start, 1), "minutes_budget": minutes}
+              "seconds": round(time.perf_counter() - start, 1), "minutes_budget": minutes,
+              "stage2": {"trains": stage2, "lr": stage2_lr}}
     log(f"after distillation ({result['seconds']:.0f} s): perplexity {after['student']:.2f} "
         f"(converted/original {result['ratio_before']:.2f} -> {result['ratio_after']:.2f}); "
         f"top-1 agreement on prompts shorter than the window {short:.3f}")

@@ -431,7 +431,7 @@ def _progress(phase: Phase, config: DistillConfig, accelerator, initial: int, de
         return None
     from tqdm.auto import tqdm
 
-    label = "attention transfer" if phase.stage == "transfer" else "LoRA distillation"
+    label = "attention transfer" if phase.stage == "transfer" else "KD (stage 2)"
     budget = "" if deadline is None else f", budget {max(deadline - time.perf_counter(), 0) / 60:.1f} min"
     cap = "≤ " if phase.stopping is not None or deadline is not None else ""
     return tqdm(total=phase.steps, initial=initial, desc=f"{label} ({phase.name}{budget}, {cap}{phase.steps} steps)",

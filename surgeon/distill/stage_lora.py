@@ -1,6 +1,9 @@
 """Stage 2, LoRA knowledge distillation: peft adapters on the attention projections, trained on the KL to the
 teacher's next-token distribution at every position (plus optional next-token cross-entropy).
 
+With ``lora_targets=[]`` and ``lora_train_feature_maps=True`` there are no adapters: the same KD loss trains
+only the parameters stage 1 added (the linear branch), so the original weights stay exactly as they were.
+
 The teacher is a separate model or, by default, the model itself with adapters disabled and softmax
 attention teacher-forced, so no second copy of the weights is needed.
 
@@ -27,9 +30,10 @@ def run_lora(model: nn.Module, packs: torch.Tensor, config: DistillConfig, accel
     """Run stage 2; returns the merged model (or the peft model with ``merge=False``)."""
     start = time.perf_counter()
     pos = position("lora", 0)
-    peft_model = L.add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, list(config.lora_targets),
-                            config.seed)
-    state["peft"] = peft_model
+    adapters = bool(config.lora_targets)
+    peft_model = (L.add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, list(config.lora_targets),
+                             config.seed) if adapters else model)
+    state["peft"] = peft_model if adapters else None
     if ck is not None and "lora" in ck and pos in ("resume", "done"):
         current = L.lora_parameters(peft_model)
         with torch.no_grad():
@@ -60,10 +64,11 @@ def run_lora(model: nn.Module, packs: torch.Tensor, config: DistillConfig, accel
 
     stopped = False
     if pos != "done" or ck is None or ck["step"] < config.lora_steps:
-        phase = Phase("lora", 0, f"r={config.lora_r} on {'/'.join(config.lora_targets)}", params, packs.shape[0],
+        what = (f"r={config.lora_r} on {'/'.join(config.lora_targets)}" if adapters else "the linear branch only")
+        phase = Phase("lora", 0, what, params, packs.shape[0],
                       loss_fn, config.lora_lr, config.lora_steps, config.seq_len,
                       locate_nan=nan_locator(peft_model, lambda: packs[:1].to(device)),
-                      shard_root=peft_model.get_base_model())
+                      shard_root=peft_model.get_base_model() if adapters else peft_model)
         res = run_phase(phase, config, accelerator, ckpts, history, save_state,
                         resume=ck if pos == "resume" else None,
                         deadline=None if config.max_minutes is None else start + config.max_minutes * 60, callbacks=callbacks)
@@ -74,4 +79,4 @@ def run_lora(model: nn.Module, packs: torch.Tensor, config: DistillConfig, accel
     state["seconds"]["lora"] = state["seconds"].get("lora", 0.0) + time.perf_counter() - start
     state.setdefault("stopped", {})["lora"] = stopped
     state["peft"] = None
-    return L.merge(peft_model) if config.merge else peft_model
+    return L.merge(peft_model) if config.merge and adapters else peft_model
