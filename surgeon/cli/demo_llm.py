@@ -77,13 +77,13 @@ def _deploy(model, tokenizer, out: Path, prompt: str, max_new_tokens: int, log, 
     if background is not None:
         start = time.perf_counter()
         update = background.finish(model)
-        export_seconds = background.export_seconds
-        log(f"prefill.onnx + decode.onnx were exported in the background while distilling ({export_seconds:.0f} s); "
-            f"the distilled weights written into them in {update.seconds:.1f} s "
-            f"(waited {time.perf_counter() - start:.0f} s)")
+        export_seconds, update_seconds = background.export_seconds, update.seconds
+        waited = time.perf_counter() - start - update_seconds
+        log(f"prefill.onnx + decode.onnx were exported in the background while distilling ({export_seconds:.0f} s; "
+            f"waited {waited:.0f} s for it); the distilled weights written into them in {update_seconds:.1f} s")
     else:
         exported = surgeon.export.to_onnx(model, onnx_dir, overwrite=True)
-        export_seconds = exported.seconds
+        export_seconds, update_seconds, waited = exported.seconds, None, None
         log(f"exported prefill.onnx + decode.onnx to {onnx_dir} in {export_seconds:.0f} s")
     report = verify_causal_lm(onnx_dir, model, shapes=[(1, 37), (2, 100), (1, 200)], n_generate=32,
                               raise_on_failure=False)   # the default criterion: the same as `surgeon verify`
@@ -99,7 +99,8 @@ def _deploy(model, tokenizer, out: Path, prompt: str, max_new_tokens: int, log, 
     answer = tokens[0, ids["input_ids"].shape[1]:].tolist()
     text = tokenizer.decode(answer, skip_special_tokens=True).strip()
     return {"tokens": answer, "dir": str(onnx_dir), "export_seconds": round(export_seconds, 1),
-            "exported_while_distilling": background is not None, "verify_passed": report.passed,
+            "exported_while_distilling": background is not None, "export_wait_seconds": waited,
+            "update_seconds": update_seconds, "verify_passed": report.passed,
             "logits_max_abs": report.max_abs, "greedy_agreement": report.greedy_agreement,
             "decode_ms_per_token": report.decode_ms_per_token, "state_bytes": generator.state_bytes(),
             "text": text, "seconds": round(seconds, 2)}
@@ -121,6 +122,7 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
                  disable=not show)
     prompt = long_prompt()
 
+    started = time.perf_counter()
     steps.set_postfix_str("load SmolLM2-135M-Instruct")
     model, tokenizer = load_smollm2()
     model.eval()
@@ -196,6 +198,7 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
         "onnx": deployed,
         "passed": deployed is None or bool(deployed["verify_passed"]),
         "out_dir": str(out),
+        "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     if show:

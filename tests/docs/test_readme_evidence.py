@@ -193,3 +193,19 @@ def test_long_context_sentence_is_the_recorded_run():
               "eo128": decode[(128, "original", "torch")]["ms_per_token"], "eo2k": decode[(2048, "original", "torch")]["ms_per_token"]})
     s = claim(r"decode state is (?P<lin>[\d,]+) bytes at any context; the original's KV cache is (?P<kv>[\d,]+) bytes at 2 K")
     check(s, {"lin": decode[(2048, "linear", "torch")]["state_bytes"], "kv": decode[(2048, "original", "torch")]["state_bytes"]})
+
+
+def test_demo_sentence_is_the_recorded_demo_run():
+    r = result("demo_smollm2.json")
+    d, onnx = r["distill"], r["onnx"]
+    s = claim(r"the whole demo took (?P<total>\d+) s with exit 0; distillation moved the perplexity ratio @512 from "
+              r"(?P<before>[\d.]+) to (?P<after>[\d.]+) and kept top-1 agreement on prompts shorter than the window at "
+              r"(?P<short>[\d.]+); the background export took (?P<export>\d+) s and was done when the distillation was "
+              r"\(the demo waited (?P<waited>\d+) s for it\), and writing the distilled weights into it took (?P<update>\d+) s")
+    check(s, {"total": r["wall_clock_s"], "before": d["ratio_before"], "after": d["ratio_after"],
+              "short": d["short_prompt_agreement"], "export": onnx["export_seconds"], "update": onnx["update_seconds"],
+              "waited": onnx["export_wait_seconds"]})
+    assert r["passed"] and onnx["exported_while_distilling"] and onnx["export_seconds"] < r["wall_clock_s"]
+    assert onnx["text"] == r["answers"]["distilled"]["text"]        # "onnxruntime's answer is the distilled model's"
+    s = claim(r"(?P<tokens>\d+) prompt tokens, so with a 64-token window and 4 sinks (?P<pct>\d+) % of the prompt")
+    check(s, {"tokens": r["prompt_tokens"], "pct": 100 * r["linear_fraction"]})
