@@ -6,8 +6,9 @@ with a 4-D attention mask (no training, no surgeon code): ``window`` = the last 
 ``sinks + window`` = StreamingLLM's 4 first tokens + the last w. The converted model is
 ``LinearizeAttention(window, sinks, hedgehog feature_dim)`` trained with ``surgeon.distill``:
 stage 1 attention transfer (each layer until its held-out MSE plateaus, on sequences as long as the
-evaluation context), stage 2 LoRA + KD at every position on teacher-generated chat answers mixed with
-prose. Evaluation: perplexity ratio at several contexts, teacher-forced top-1 agreement and KL at 1024,
+evaluation context), stage 2 KD at every position on teacher-generated chat answers mixed with prose,
+training only the linear branch (default; the original weights stay untouched, so prompts within the window
+stay exact) or LoRA on q/k/v/o (``--stage2 lora``, LoLCATs). Evaluation: perplexity ratio at several contexts, teacher-forced top-1 agreement and KL at 1024,
 greedy agreement on held-out prompts longer than the window, top-1 agreement on prompts shorter than
 the window (where the converted model before stage 2 *is* the original), needle retrieval beyond the
 window at the depths where the teacher succeeds. Writes JSON + a PNG (ratio vs training tokens and
@@ -119,9 +120,10 @@ def main() -> None:
     ap.add_argument("--linear-weight-init", type=float, default=1e-6,
                     help="initial λ of the linear branch (1e-6: the untrained hybrid is sinks + window exactly; "
                          "1e-3 costs 1.07 -> 1.43 @1024 at window 256 before training)")
-    ap.add_argument("--stage2", choices=["lora", "linear-branch"], default="lora",
-                    help="what stage 2 trains: LoRA on q/k/v/o (LoLCATs), or only the linear branch (feature maps, "
-                         "λ), which leaves every original weight untouched (prompts within the window stay exact)")
+    ap.add_argument("--stage2", choices=["lora", "linear-branch"], default="linear-branch",
+                    help="what stage 2 trains: only the linear branch (feature maps, λ; default), which leaves every "
+                         "original weight untouched so prompts within the window stay exact, or LoRA on q/k/v/o "
+                         "(LoLCATs; results then go to distill_smollm2[_quick]_lora.json)")
     ap.add_argument("--stage2-lr", type=float, default=None, help="stage-2 learning rate (default 1e-3)")
     ap.add_argument("--stage1-minutes", type=float)
     ap.add_argument("--stage2-minutes", type=float)
@@ -138,7 +140,7 @@ def main() -> None:
             preset[key] = getattr(args, key)
     torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
-    work, out = Path(args.work) / mode, Path(args.out)
+    work, out = Path(args.work) / (mode + ("_lora" if args.stage2 == "lora" else "")), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -245,7 +247,7 @@ def main() -> None:
         f"{sum(l.get('tokens_per_s', 0) for l in r1.layers) / max(len(r1.layers), 1):.0f}")
     record("after stage 1", s1_min, s1_tokens, only=(512, 1024))
 
-    # stage 2: LoRA + KD on every position, teacher chat answers mixed with prose
+    # stage 2: KD on every position (linear branch only, or LoRA), teacher chat answers mixed with prose
     chat = chat_texts(teacher, tok, n=preset["chat"], max_new_tokens=preset["chat_tokens"],
                       cache=cache_dir() / f"chat_{preset['chat']}_{preset['chat_tokens']}.json")
     prose = pydoc_texts("train")
@@ -305,7 +307,8 @@ def main() -> None:
         "targets": {"quick_ratio_1024": 1.30, "full_ratio_1024": 1.15, "greedy_long": 0.60, "short_agreement": 0.99},
         "minutes_total": round((time.perf_counter() - t0) / 60, 1),
     }
-    path = out / f"distill_smollm2{'_quick' if args.quick else ''}.json"
+    stem = f"distill_smollm2{'_quick' if args.quick else ''}{'_lora' if args.stage2 == 'lora' else ''}"
+    path = out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     surgery.model = student
     surgeon.save(surgery, work / "student")          # the distilled model, for re-evaluation (surgeon.restore)
@@ -315,7 +318,7 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2, default=str))
     cols = ["model", "state_MiB", "train_min"] + [f"ratio@{c}" for c in contexts]
     print(format_table(cols, [{k: r.get(k, "-") for k in cols} for r in by_state]))
-    _plot(result, out / f"distill_smollm2{'_quick' if args.quick else ''}.png")
+    _plot(result, out / f"{stem}.png")
     log(f"wrote {path}")
 
 

@@ -149,7 +149,7 @@ def test_efficientnet_relu_budget_verdict_is_the_recorded_run():
 
 
 def test_fidelity_table_and_sentence_are_the_recorded_run():
-    r = result("distill_smollm2.json")
+    r = result("distill_smollm2_lora.json")
     rows = {row["model"]: row for row in r["rows"]}
     final = next(row for name, row in rows.items() if name.endswith("after stage 2"))
     equal = r["equal_state_baselines"][0]
@@ -209,3 +209,23 @@ def test_demo_sentence_is_the_recorded_demo_run():
     assert onnx["text"] == r["answers"]["distilled"]["text"]        # "onnxruntime's answer is the distilled model's"
     s = claim(r"(?P<tokens>\d+) prompt tokens, so with a 64-token window and 4 sinks (?P<pct>\d+) % of the prompt")
     check(s, {"tokens": r["prompt_tokens"], "pct": 100 * r["linear_fraction"]})
+
+
+@pytest.mark.parametrize("name,label", [
+    ("distill_smollm2_quick.json", r"stage 2 on the linear branch only \(default, `distill_smollm2_quick.json`\)"),
+    ("distill_smollm2_quick_lora.json", r"stage 2 LoRA on q/k/v/o \(`distill_smollm2_quick_lora.json`\)")])
+def test_quick_stage2_table_is_the_recorded_runs(name, label):
+    r = result(name)
+    final = next(row for row in r["rows"] if row["model"].endswith("after stage 2"))
+    cells = (r" \| (?P<r256>[\d.]+) \| (?P<r512>[\d.]+) \| (?P<r1024>[\d.]+) \| (?P<r2048>[\d.]+) \| (?P<top1>[\d.]+) \| "
+             r"(?P<greedy>[\d.]+) \| (?P<short>[\d.]+) \| (?P<minutes>[\d.]+) \|")
+    check(claim(r"\| " + label + cells), {
+        **{f"r{c}": final[f"ratio@{c}"] for c in (256, 512, 1024, 2048)}, "top1": r["agreement_1024"]["top1"],
+        "greedy": r["greedy_agreement_long_prompts"], "short": r["short_prompt_agreement"]["top1"],
+        "minutes": r["minutes_total"]})
+    assert r["stage2"]["trains"] == ("lora" if "lora" in name else "linear-branch")
+    assert final["ratio@1024"] <= r["targets"]["quick_ratio_1024"]
+    equal = r["equal_state_baselines"][0]
+    check(claim(r"\| sinks \+ window 303, no training \(equal state\) \| (?P<r256>[\d.]+) \| (?P<r512>[\d.]+) \| "
+                r"(?P<r1024>[\d.]+) \| (?P<r2048>[\d.]+) \| \| \| \| 0 \|"),
+          {f"r{c}": equal[f"ratio@{c}"] for c in (256, 512, 1024, 2048)})
