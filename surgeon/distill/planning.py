@@ -90,6 +90,43 @@ def measure_errors(model: nn.Module, packs: torch.Tensor, windows: list[int], **
     return errors
 
 
+def measure_retrieval(model: nn.Module, trials: list[tuple[torch.Tensor, int]], window: int,
+                      layers: list[int] | None = None, progress: bool = True, **linearize: Any) -> dict[int, float]:
+    """Recall beyond the window with one layer at a time kept as softmax: ``scores[layer]``, and ``scores[-1]``
+    with none kept.
+
+    ``trials``: ``(ids, answer_start)`` probes whose answer lies beyond the window (needle / MQAR, e.g.
+    :func:`surgeon.distill.evaluate.make_niah_trials`); a trial counts when every answer token is the
+    greedy prediction. ``model`` is converted once with ``LinearizeAttention(window=window, **linearize)``
+    (untrained: sinks + window when λ starts near 0); each layer in turn gets its original softmax attention
+    back (sharing the projections) for the probes. A layer that alone restores recall is a retrieval layer,
+    the one to keep as softmax when recall beyond the window matters more than state bytes.
+    """
+    from tqdm.auto import tqdm
+
+    from surgeon.distill.evaluate import exact_continuation
+    from surgeon.distill.transfer import original_attention
+    from surgeon.fx.tracing import set_submodule
+
+    if not trials:
+        raise ConfigError("measure_retrieval: no trials; build them with surgeon.distill.evaluate.make_niah_trials")
+    converted = apply(model, LinearizeAttention(window=window, **linearize)).model.eval()
+
+    @torch.no_grad()
+    def score() -> float:
+        return sum(exact_continuation(converted, ids, start) for ids, start in trials) / len(trials)
+
+    units = [(n, u) for n, u in linear_units(converted) if layers is None or u.layer_idx in layers]
+    scores = {-1: score()}
+    for name, unit in tqdm(units, desc=f"recall with one softmax layer (window {window})", disable=not progress):
+        set_submodule(converted, name, original_attention(converted, name))
+        try:
+            scores[unit.layer_idx] = score()
+        finally:
+            set_submodule(converted, name, unit)
+    return scores
+
+
 def state_bytes_fn(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, features: int, sinks: int,
                    context: int, dtype_bytes: int = 4) -> StateFn:
     """Decode-state bytes of a hybrid configuration at ``context`` tokens (batch 1), for :func:`plan_hybrid`.
@@ -115,4 +152,4 @@ def pareto(options: list[HybridOption]) -> list[HybridOption]:
     return front
 
 
-__all__ = ["HybridOption", "plan_hybrid", "pareto", "measure_errors", "state_bytes_fn"]
+__all__ = ["HybridOption", "plan_hybrid", "pareto", "measure_errors", "measure_retrieval", "state_bytes_fn"]

@@ -42,3 +42,33 @@ def test_a_budget_nothing_meets_lists_the_closest_options():
     with pytest.raises(ConfigError, match=r"no hybrid configuration fits a decode state of 10 bytes; the closest: "
                                           r"window 4, softmax layers \[\]"):
         plan_hybrid(errors, state, 10)
+
+
+def test_measure_retrieval_keeps_one_layer_softmax_at_a_time():
+    """scores[L] is exactly the probe score of a model where every layer but L is linearized; with a window
+    longer than the probes every layer scores the original's 1.0; the input model is never changed."""
+    import surgeon
+    from surgeon.distill.evaluate import exact_continuation
+    from surgeon.distill.planning import measure_retrieval
+    from surgeon.passes import LinearizeAttention
+
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts = torch.randint(0, 64, (6, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():                      # probes the original answers exactly: its own greedy continuation
+        full = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=3, do_sample=False,
+                              pad_token_id=0)
+    trials = [(row, 30) for row in full]
+    kw = dict(feature_map="hedgehog", sinks=1, linear_weight_init=1.0)
+    wide = measure_retrieval(model, trials, window=64, progress=False, **kw)
+    assert wide == {-1: 1.0, 0: 1.0, 1: 1.0, 2: 1.0}
+    narrow = measure_retrieval(model, trials, window=4, progress=False, **kw)
+    assert set(narrow) == {-1, 0, 1, 2}
+    for kept in (0, 2):
+        others = surgeon.apply(model, LinearizeAttention(window=4, layers=[i for i in range(3) if i != kept], **kw)).model
+        with torch.no_grad():
+            direct = sum(exact_continuation(others, ids, start) for ids, start in trials) / len(trials)
+        assert narrow[kept] == direct
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ConfigError, match="no trials"):
+        measure_retrieval(model, [], window=4)
