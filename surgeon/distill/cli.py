@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--transfer-steps", type=int)
     p.add_argument("--transfer-mode", choices=["layer", "block", "joint"])
     p.add_argument("--lora-steps", type=int)
+    p.add_argument("--stage2", choices=["lora", "linear-branch"],
+                   help="what stage 2 trains: LoRA adapters (default) or only the linear branch (no original weight "
+                        "changes, so prompts within the window stay exact)")
     p.add_argument("--keep-softmax", type=int)
     p.add_argument("--mixed-precision", choices=["no", "bf16"])
     p.add_argument("--minutes", type=float, help="wall-clock budget per stage")
@@ -63,6 +66,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                  "lora_steps": args.lora_steps, "keep_softmax": args.keep_softmax,
                  "mixed_precision": args.mixed_precision, "max_minutes": args.minutes}
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    if args.stage2 == "linear-branch":
+        raw.update(lora_targets=[], lora_train_feature_maps=True)
     if args.stages:
         raw["stages"] = ["transfer", "lora"] if args.stages == "both" else [args.stages]
     raw.setdefault("output_dir", str(out))
