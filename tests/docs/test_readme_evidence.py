@@ -229,3 +229,15 @@ def test_quick_stage2_table_is_the_recorded_runs(name, label):
     check(claim(r"\| sinks \+ window 303, no training \(equal state\) \| (?P<r256>[\d.]+) \| (?P<r512>[\d.]+) \| "
                 r"(?P<r1024>[\d.]+) \| (?P<r2048>[\d.]+) \| \| \| \| 0 \|"),
           {f"r{c}": equal[f"ratio@{c}"] for c in (256, 512, 1024, 2048)})
+
+
+def test_retrieval_layer_sentence_is_the_recorded_scan():
+    r = result("retrieval_layers_smollm2.json")
+    layers = {int(k): v for k, v in r["scores"].items() if int(k) >= 0}
+    s = claim(r"giving any single one of the (?P<n>\d+) layers its softmax attention back \((?P<mib>\d+) MiB more state "
+              r"at 8 K\) retrieves the passkey in at most (?P<best>\d+) of (?P<trials>\d+) trials, where the teacher "
+              r"retrieves (?P<teacher>\d+) of (?P<trials2>\d+)")
+    extra = r["rows"][1]["state_MiB@8K, window 256"] - r["rows"][0]["state_MiB@8K, window 256"]
+    check(s, {"n": len(layers), "mib": extra, "best": max(layers.values()) * r["trials"], "trials": r["trials"],
+              "teacher": r["teacher_score"] * r["trials"], "trials2": r["trials"]})
+    assert r["window"] == 256 and r["needle_before_window"]
