@@ -125,12 +125,13 @@ def main() -> None:
                          "original weight untouched so prompts within the window stay exact, or LoRA on q/k/v/o "
                          "(LoLCATs; results then go to distill_smollm2[_quick]_lora.json)")
     ap.add_argument("--stage2-lr", type=float, default=None, help="stage-2 learning rate (default 1e-3)")
-    ap.add_argument("--stage1-minutes", type=float)
+    ap.add_argument("--stage1-minutes", type=float, help="stage-1 budget (0: no stage 1)")
     ap.add_argument("--stage2-minutes", type=float)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-routes", default="original,surgered,hf",
                     help="surgeon eval routes (lm-evaluation-harness) for the final evaluation; add onnx / onnxruntime "
                          "to include the exports (minutes of export each)")
+    ap.add_argument("--tag", default="", help="suffix of the result files and work folder (another variant)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--work", default="out/bench_distill")
     args = ap.parse_args()
@@ -140,7 +141,7 @@ def main() -> None:
             preset[key] = getattr(args, key)
     torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
-    work, out = Path(args.work) / (mode + ("_lora" if args.stage2 == "lora" else "")), Path(args.out)
+    work, out = Path(args.work) / (mode + ("_lora" if args.stage2 == "lora" else "") + args.tag), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -236,16 +237,20 @@ def main() -> None:
 
     # stage 1: attention transfer, early-stopped per layer, on sequences as long as the longest eval context
     common = dict(batch_size=1, progress=True, output_dir=str(work / "stage1"))
-    r1 = surgeon.distill(student, data="pydoc", tokenizer=tok, config=surgeon.DistillConfig(
-        stages=["transfer"], seq_len=preset["stage1_seq"], transfer_steps=preset["transfer_steps"],
-        transfer_packs=preset["transfer_packs"], transfer_lr=1e-2, transfer_eval_every=10, transfer_patience=3,
-        max_minutes=preset["stage1_minutes"], **common))
-    s1_min = r1.seconds["transfer"] / 60
-    s1_tokens = r1.tokens.get("transfer_per_layer", 0)
-    log(f"stage 1: {s1_min:.1f} min, {len(r1.layers)} layers, converged "
-        f"{sum(bool(l.get('converged')) for l in r1.layers)}; tokens/s per layer "
-        f"{sum(l.get('tokens_per_s', 0) for l in r1.layers) / max(len(r1.layers), 1):.0f}")
-    record("after stage 1", s1_min, s1_tokens, only=(512, 1024))
+    s1_min, s1_tokens, s1_report = 0.0, 0, {"minutes": 0.0, "skipped": True}
+    if preset["stage1_minutes"] > 0:      # --stage1-minutes 0: all the training time goes to stage 2
+        r1 = surgeon.distill(student, data="pydoc", tokenizer=tok, config=surgeon.DistillConfig(
+            stages=["transfer"], seq_len=preset["stage1_seq"], transfer_steps=preset["transfer_steps"],
+            transfer_packs=preset["transfer_packs"], transfer_lr=1e-2, transfer_eval_every=10, transfer_patience=3,
+            max_minutes=preset["stage1_minutes"], **common))
+        s1_min = r1.seconds["transfer"] / 60
+        s1_tokens = r1.tokens.get("transfer_per_layer", 0)
+        s1_report = {"minutes": round(s1_min, 2), "layers": r1.layers, "tokens_per_layer": s1_tokens,
+                     "stopped_at_budget": r1.stopped_early.get("transfer")}
+        log(f"stage 1: {s1_min:.1f} min, {len(r1.layers)} layers, converged "
+            f"{sum(bool(l.get('converged')) for l in r1.layers)}; tokens/s per layer "
+            f"{sum(l.get('tokens_per_s', 0) for l in r1.layers) / max(len(r1.layers), 1):.0f}")
+        record("after stage 1", s1_min, s1_tokens, only=(512, 1024))
 
     # stage 2: KD on every position (linear branch only, or LoRA), teacher chat answers mixed with prose
     chat = chat_texts(teacher, tok, n=preset["chat"], max_new_tokens=preset["chat_tokens"],
@@ -297,8 +302,7 @@ def main() -> None:
         "plan": {"budget_fraction_of_kv_at_8k": args.budget, "budget_MiB": round(budget_bytes / 2**20, 2),
                  "candidate_windows": candidates, "pareto": plan_rows, "errors": errors},
         "short_prompt_agreement": short, "niah": niah,
-        "stage1": {"minutes": round(s1_min, 2), "layers": r1.layers, "tokens_per_layer": s1_tokens,
-                   "stopped_at_budget": r1.stopped_early.get("transfer")},
+        "stage1": s1_report,
         "stage2": {"minutes": round(s2_min, 2), "tokens": r2.tokens.get("lora"),
                    "tokens_per_s": round(r2.tokens.get("lora", 0) / max(r2.seconds["lora"], 1e-9), 1),
                    "stopped_at_budget": r2.stopped_early.get("lora"), "data": f"{len(chat)} teacher chat answers + prose",
@@ -307,7 +311,7 @@ def main() -> None:
         "targets": {"quick_ratio_1024": 1.30, "full_ratio_1024": 1.15, "greedy_long": 0.60, "short_agreement": 0.99},
         "minutes_total": round((time.perf_counter() - t0) / 60, 1),
     }
-    stem = f"distill_smollm2{'_quick' if args.quick else ''}{'_lora' if args.stage2 == 'lora' else ''}"
+    stem = f"distill_smollm2{'_quick' if args.quick else ''}{'_lora' if args.stage2 == 'lora' else ''}{args.tag}"
     path = out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     surgery.model = student

@@ -8,6 +8,7 @@ retrieval is what a hybrid plan should keep as softmax when recall matters; each
 costs in decode state at 8 K tokens. Writes JSON + a PNG (score per layer).
 
     python benchmarks/retrieval_layers_smollm2.py              # window 256, ~15 min on 2 threads
+    python benchmarks/retrieval_layers_smollm2.py --sets 0-14,15-29,8-21,0-9,10-19,20-29   # blocks kept together
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 from surgeon.core.report import format_table
 from surgeon.distill.evaluate import exact_continuation, held_out_windows, make_niah_trials
-from surgeon.distill.planning import measure_retrieval, state_bytes_fn
+from surgeon.distill.planning import measure_retrieval, retrieval_scores, state_bytes_fn
 from surgeon.models.smollm2 import load_smollm2
 
 
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--trials", type=int, default=2, help="trials per depth")
+    ap.add_argument("--sets", help="blocks of layers kept softmax together, e.g. 0-14,15-29 (writes *_sets.json)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -46,8 +48,10 @@ def main() -> None:
     beyond = all((1 - d) * args.context - 16 > args.window for d in depths)   # the needle (~16 tokens) ends before it
     with torch.no_grad():
         teacher_score = sum(exact_continuation(teacher, ids, start) for ids, start in trials) / len(trials)
-    scores = measure_retrieval(teacher, trials, args.window, feature_map="hedgehog", feature_dim=args.feature_dim,
-                               sinks=args.sinks, linear_weight_init=1e-6)
+    linearize = dict(feature_map="hedgehog", feature_dim=args.feature_dim, sinks=args.sinks, linear_weight_init=1e-6)
+    if args.sets:
+        return _sets(teacher, trials, teacher_score, args, linearize, started)
+    scores = measure_retrieval(teacher, trials, args.window, **linearize)
     state = state_bytes_fn(n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, features=2 * args.feature_dim,
                            sinks=args.sinks, context=8192)
     rows = [{"softmax layer": "none" if layer < 0 else layer, "needle score": round(score, 3),
@@ -69,6 +73,25 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2))
     _plot(scores, teacher_score, args.window, out / "retrieval_layers_smollm2.png")
     print(f"teacher {teacher_score:.2f}; layers that alone restore ≥ 80 % of it: {restoring}; wrote {path}")
+
+
+def _sets(teacher, trials, teacher_score: float, args, linearize: dict, started: float) -> None:
+    """Blocks of layers kept softmax together: how many layers does recall beyond the window need?"""
+    blocks = {}
+    for spec in args.sets.split(","):
+        lo, _, hi = spec.partition("-")
+        blocks[spec] = tuple(range(int(lo), int(hi or lo) + 1))
+    scores = retrieval_scores(teacher, trials, args.window, [()] + list(blocks.values()), **linearize)
+    rows = [{"softmax layers": "none", "count": 0, "needle score": scores[()]}] + [
+        {"softmax layers": spec, "count": len(kept), "needle score": scores[kept]} for spec, kept in blocks.items()]
+    print(format_table(list(rows[0]), rows))
+    result = {"model": "SmolLM2-135M-Instruct", "window": args.window, "sinks": args.sinks, "context": args.context,
+              "trials": len(trials), "teacher_score": teacher_score, "rows": rows,
+              "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}, fp32, eager PyTorch",
+              "minutes": round((time.perf_counter() - started) / 60, 1)}
+    path = Path(args.out) / "retrieval_layers_smollm2_sets.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"teacher {teacher_score:.2f}; wrote {path}")
 
 
 def _plot(scores: dict[int, float], teacher: float, window: int, path: Path) -> None:

@@ -102,6 +102,16 @@ def measure_retrieval(model: nn.Module, trials: list[tuple[torch.Tensor, int]], 
     back (sharing the projections) for the probes. A layer that alone restores recall is a retrieval layer,
     the one to keep as softmax when recall beyond the window matters more than state bytes.
     """
+    sets = None if layers is None else [()] + [(layer,) for layer in layers]
+    scores = retrieval_scores(model, trials, window, sets, progress, **linearize)
+    return {(kept[0] if kept else -1): score for kept, score in scores.items()}
+
+
+def retrieval_scores(model: nn.Module, trials: list[tuple[torch.Tensor, int]], window: int,
+                     sets: list[tuple[int, ...]] | None = None, progress: bool = True, **linearize: Any
+                     ) -> dict[tuple[int, ...], float]:
+    """As :func:`measure_retrieval`, for *sets* of layers kept as softmax together (``()``: none kept;
+    default: no layer, then every layer alone)."""
     from tqdm.auto import tqdm
 
     from surgeon.distill.evaluate import exact_continuation
@@ -111,19 +121,26 @@ def measure_retrieval(model: nn.Module, trials: list[tuple[torch.Tensor, int]], 
     if not trials:
         raise ConfigError("measure_retrieval: no trials; build them with surgeon.distill.evaluate.make_niah_trials")
     converted = apply(model, LinearizeAttention(window=window, **linearize)).model.eval()
+    units = {unit.layer_idx: (name, unit) for name, unit in linear_units(converted)}
+    sets = [()] + [(layer,) for layer in units] if sets is None else sets
+    missing = sorted({layer for kept in sets for layer in kept} - set(units))
+    if missing:
+        raise ConfigError(f"measure_retrieval: layers {missing} are not linearized attention layers of the converted "
+                          f"model (its layers: {sorted(units)})")
 
     @torch.no_grad()
     def score() -> float:
         return sum(exact_continuation(converted, ids, start) for ids, start in trials) / len(trials)
 
-    units = [(n, u) for n, u in linear_units(converted) if layers is None or u.layer_idx in layers]
-    scores = {-1: score()}
-    for name, unit in tqdm(units, desc=f"recall with one softmax layer (window {window})", disable=not progress):
-        set_submodule(converted, name, original_attention(converted, name))
+    scores: dict[tuple[int, ...], float] = {}
+    for kept in tqdm(sets, desc=f"recall with softmax layers kept (window {window})", disable=not progress):
+        for layer in kept:
+            set_submodule(converted, units[layer][0], original_attention(converted, units[layer][0]))
         try:
-            scores[unit.layer_idx] = score()
+            scores[tuple(kept)] = score()
         finally:
-            set_submodule(converted, name, unit)
+            for layer in kept:
+                set_submodule(converted, *units[layer])
     return scores
 
 
@@ -152,4 +169,4 @@ def pareto(options: list[HybridOption]) -> list[HybridOption]:
     return front
 
 
-__all__ = ["HybridOption", "plan_hybrid", "pareto", "measure_errors", "measure_retrieval", "state_bytes_fn"]
+__all__ = ["HybridOption", "plan_hybrid", "pareto", "measure_errors", "measure_retrieval", "retrieval_scores", "state_bytes_fn"]

@@ -72,3 +72,19 @@ def test_measure_retrieval_keeps_one_layer_softmax_at_a_time():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     with pytest.raises(ConfigError, match="no trials"):
         measure_retrieval(model, [], window=4)
+
+
+def test_retrieval_scores_of_layer_sets_and_bad_layers():
+    from surgeon.distill.planning import retrieval_scores
+
+    model = tiny_llama()
+    prompts = torch.randint(0, 64, (4, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=3, do_sample=False,
+                              pad_token_id=0)
+    trials = [(row, 30) for row in full]
+    kw = dict(feature_map="hedgehog", sinks=1, linear_weight_init=1.0)
+    scores = retrieval_scores(model, trials, window=4, sets=[(), (0, 1, 2)], progress=False, **kw)
+    assert scores[(0, 1, 2)] == 1.0                 # every layer softmax again: the original, which answers exactly
+    with pytest.raises(ConfigError, match=r"layers \[7\] are not linearized"):
+        retrieval_scores(model, trials, window=4, sets=[(7,)], progress=False, **kw)
