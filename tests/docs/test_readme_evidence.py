@@ -213,7 +213,9 @@ def test_demo_sentence_is_the_recorded_demo_run():
 
 @pytest.mark.parametrize("name,label", [
     ("distill_smollm2_quick.json", r"stage 2 on the linear branch only \(default, `distill_smollm2_quick.json`\)"),
-    ("distill_smollm2_quick_lora.json", r"stage 2 LoRA on q/k/v/o \(`distill_smollm2_quick_lora.json`\)")])
+    ("distill_smollm2_quick_lora.json", r"stage 2 LoRA on q/k/v/o \(`distill_smollm2_quick_lora.json`\)"),
+    ("distill_smollm2_quick_nostage1.json",
+     r"linear branch, no stage 1, 13 min of stage 2 \(`distill_smollm2_quick_nostage1.json`\)")])
 def test_quick_stage2_table_is_the_recorded_runs(name, label):
     r = result(name)
     final = next(row for row in r["rows"] if row["model"].endswith("after stage 2"))
