@@ -243,3 +243,13 @@ def test_retrieval_layer_sentence_is_the_recorded_scan():
     check(s, {"n": len(layers), "mib": extra, "best": max(layers.values()) * r["trials"], "trials": r["trials"],
               "teacher": r["teacher_score"] * r["trials"], "trials2": r["trials"]})
     assert r["window"] == 256 and r["needle_before_window"]
+
+
+def test_retrieval_block_sentence_is_the_recorded_scan():
+    r = result("retrieval_layers_smollm2_sets.json")
+    got = {row["softmax layers"]: row["needle score"] * r["trials"] for row in r["rows"]}
+    s = claim(r"layers 0–9, 10–19, 20–29 or 0–14 retrieve (?P<zero>\d+) of (?P<n>\d+), 15–29 (?P<late>\d+) of \d+ and "
+              r"8–21 (?P<mid>\d+) of \d+")
+    check(s, {"zero": max(got[k] for k in ("0-9", "10-19", "20-29", "0-14")), "n": r["trials"], "late": got["15-29"],
+              "mid": got["8-21"]})
+    assert got["none"] == 0 and r["teacher_score"] == 1.0 and r["window"] == 256
