@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from surgeon.core.errors import ConfigError
 from surgeon.distill.api import distill
 from surgeon.distill.config import DistillConfig
 from surgeon.distill.data import chat_prompts, chat_texts, pack, pydoc_texts
@@ -45,6 +46,9 @@ def quick_distill(model: torch.nn.Module, tokenizer: Any, teacher: torch.nn.Modu
                   log: Callable[[str], None] = print, stage2: str = "linear-branch",
                   stage2_lr: float = 1e-3) -> dict[str, Any]:
     """Distil ``model`` in place within ``minutes`` of training (evaluation adds ~1 min); return the measurements."""
+    if stage2 not in ("linear-branch", "lora"):
+        raise ConfigError(f"quick_distill(stage2={stage2!r}): use 'linear-branch' (only the linear branch trains) "
+                          "or 'lora' (LoRA adapters on q/k/v/o)")
     held = pack(pydoc_texts("held_out"), context, tokenizer, what="held-out pydoc text")[:windows]
     was = model.training
     model.eval()
