@@ -88,6 +88,7 @@ def test_saved_optimized_graphs_are_refused(exported, tmp_path):
         update_weights(out, model)
 
 
+@pytest.mark.slow   # ~1 min: a child process exports while this one "trains"
 def test_background_export_while_training_then_finish_with_the_trained_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", f"{MODELS}{':' + __import__('os').environ.get('PYTHONPATH', '')}")
     surgery = surgeon.apply(tiny_llama(), LinearizeAttention(window=4, sinks=2))
