@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import surgeon
 from surgeon.core.report import format_table
+from surgeon.distill.config import STAGE2_RECIPES, stage2_fields
 from surgeon.distill.data import chat_prompts, chat_texts, pack, pydoc_texts
 from surgeon.distill.evaluate import exact_continuation, held_out_windows, make_niah_trials
 from surgeon.distill.planning import measure_errors, pareto, plan_hybrid, state_bytes_fn
@@ -120,7 +121,7 @@ def main() -> None:
     ap.add_argument("--linear-weight-init", type=float, default=1e-6,
                     help="initial λ of the linear branch (1e-6: the untrained hybrid is sinks + window exactly; "
                          "1e-3 costs 1.07 -> 1.43 @1024 at window 256 before training)")
-    ap.add_argument("--stage2", choices=["lora", "linear-branch"], default="linear-branch",
+    ap.add_argument("--stage2", choices=STAGE2_RECIPES, default="linear-branch",
                     help="what stage 2 trains: only the linear branch (feature maps, λ; default), which leaves every "
                          "original weight untouched so prompts within the window stay exact, or LoRA on q/k/v/o "
                          "(LoLCATs; results then go to distill_smollm2[_quick]_lora.json)")
@@ -259,7 +260,7 @@ def main() -> None:
     data = [t for pair in zip(chat, prose) for t in pair] + prose[len(chat):]
     r2 = surgeon.distill(student, data=data, tokenizer=tok, teacher=teacher, config=surgeon.DistillConfig(
         stages=["lora"], seq_len=preset["stage2_seq"], lora_steps=preset["lora_steps"], lora_lr=args.stage2_lr or 1e-3,
-        **({"lora_targets": [], "lora_train_feature_maps": True} if args.stage2 == "linear-branch" else {}),
+        **stage2_fields(args.stage2),
         max_minutes=preset["stage2_minutes"], warmup_steps=5, **{**common, "output_dir": str(work / "stage2")}))
     student = r2.model.eval()
     s2_min = r2.seconds["lora"] / 60

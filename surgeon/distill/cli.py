@@ -20,7 +20,7 @@ import safetensors.torch
 from surgeon.core.errors import ConfigError
 from surgeon.core.persist import load_recipe
 from surgeon.distill.api import distill
-from surgeon.distill.config import DistillConfig
+from surgeon.distill.config import STAGE2_RECIPES, DistillConfig, stage2_fields
 from surgeon.distill.evaluate import evaluate
 from surgeon.models.registry import load_surgery, resolve
 from surgeon.models.smollm2 import load_smollm2_tokenizer
@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--transfer-steps", type=int)
     p.add_argument("--transfer-mode", choices=["layer", "block", "joint"])
     p.add_argument("--lora-steps", type=int)
-    p.add_argument("--stage2", choices=["lora", "linear-branch"],
+    p.add_argument("--stage2", choices=STAGE2_RECIPES,
                    help="what stage 2 trains: LoRA adapters (default) or only the linear branch (no original weight "
                         "changes, so prompts within the window stay exact)")
     p.add_argument("--keep-softmax", type=int)
@@ -66,8 +66,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                  "lora_steps": args.lora_steps, "keep_softmax": args.keep_softmax,
                  "mixed_precision": args.mixed_precision, "max_minutes": args.minutes}
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    if args.stage2 == "linear-branch":
-        raw.update(lora_targets=[], lora_train_feature_maps=True)
+    if args.stage2:
+        raw.update(stage2_fields(args.stage2))
     if args.stages:
         raw["stages"] = ["transfer", "lora"] if args.stages == "both" else [args.stages]
     raw.setdefault("output_dir", str(out))

@@ -195,4 +195,21 @@ class DistillConfig(TypedConfig):
         return hashlib.sha1(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-__all__ = ["DistillConfig"]
+STAGE2_RECIPES = ("lora", "linear-branch")
+
+
+def stage2_fields(recipe: str) -> dict[str, Any]:
+    """The ``DistillConfig`` fields of a stage-2 recipe: ``"lora"`` (the defaults: adapters on q/k/v/o) or
+    ``"linear-branch"`` (no adapters; only the parameters stage 1 added train).
+
+    Example:
+        >>> stage2_fields("linear-branch")
+        {'lora_targets': [], 'lora_train_feature_maps': True}
+    """
+    if recipe not in STAGE2_RECIPES:
+        raise ConfigError(f"stage 2 recipe {recipe!r}: use 'linear-branch' (only the linear branch trains) or 'lora' "
+                          "(LoRA adapters on q/k/v/o)")
+    return {"lora_targets": [], "lora_train_feature_maps": True} if recipe == "linear-branch" else {}
+
+
+__all__ = ["DistillConfig", "stage2_fields", "STAGE2_RECIPES"]

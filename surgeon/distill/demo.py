@@ -16,9 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from surgeon.core.errors import ConfigError
 from surgeon.distill.api import distill
-from surgeon.distill.config import DistillConfig
+from surgeon.distill.config import DistillConfig, stage2_fields
 from surgeon.distill.data import chat_prompts, chat_texts, pack, pydoc_texts
 from surgeon.distill.evaluate import perplexity_and_agreement
 
@@ -46,9 +45,7 @@ def quick_distill(model: torch.nn.Module, tokenizer: Any, teacher: torch.nn.Modu
                   log: Callable[[str], None] = print, stage2: str = "linear-branch",
                   stage2_lr: float = 1e-3) -> dict[str, Any]:
     """Distil ``model`` in place within ``minutes`` of training (evaluation adds ~1 min); return the measurements."""
-    if stage2 not in ("linear-branch", "lora"):
-        raise ConfigError(f"quick_distill(stage2={stage2!r}): use 'linear-branch' (only the linear branch trains) "
-                          "or 'lora' (LoRA adapters on q/k/v/o)")
+    recipe = stage2_fields(stage2)          # validates before any work
     held = pack(pydoc_texts("held_out"), context, tokenizer, what="held-out pydoc text")[:windows]
     was = model.training
     model.eval()
@@ -65,7 +62,7 @@ def quick_distill(model: torch.nn.Module, tokenizer: Any, teacher: torch.nn.Modu
     r2 = distill(model, data=data, tokenizer=tokenizer, teacher=teacher, config=DistillConfig(
         stages=["lora"], seq_len=256, lora_steps=10_000, lora_lr=stage2_lr, warmup_steps=5, max_minutes=left,
         output_dir=str(out_dir), progress=True,
-        **({"lora_targets": [], "lora_train_feature_maps": True} if stage2 == "linear-branch" else {})))
+        **recipe))
     trained = r2.model.eval()
     after, agree = perplexity_and_agreement(trained, teacher, held)
     short = short_prompt_agreement(trained, teacher, tokenizer, short_tokens)
