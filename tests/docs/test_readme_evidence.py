@@ -227,6 +227,7 @@ def test_quick_stage2_table_is_the_recorded_runs(name, label):
         "minutes": r["minutes_total"]})
     assert r["stage2"]["trains"] == ("lora" if "lora" in name else "linear-branch")
     assert final["ratio@1024"] <= r["targets"]["quick_ratio_1024"]
+    assert r["long_prompt_tokens"] == 512 and "on 20 held-out 512-token prompts" in README
     equal = r["equal_state_baselines"][0]
     check(claim(r"\| sinks \+ window 303, no training \(equal state\) \| (?P<r256>[\d.]+) \| (?P<r512>[\d.]+) \| "
                 r"(?P<r1024>[\d.]+) \| (?P<r2048>[\d.]+) \| \| \| \| 0 \|"),
