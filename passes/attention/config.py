@@ -44,6 +44,12 @@ class LinearizeAttention(PassConfig):
         sinks: causal hybrids: the first ``sinks`` tokens of each sequence stay exact softmax keys after
             they leave the window (StreamingLLM's attention sinks), under the one normaliser shared with
             the window and the linear branch; kept in the decode state (0 = none).
+        memory: causal hybrids: exact softmax slots per kv head for the tokens beyond the window that the
+            linear state recalls worst (LoLA's sparse cache: a passkey read once is blurred by the state,
+            kept here it is recalled exactly); updated once per call, in the decode state (0 = none).
+            Ungated linear attention only. Can be added to a converted, distilled model afterwards
+            (:func:`surgeon.passes.attention.set_memory`).
+        memory_block: prefill tokens per memory update (decoding updates at every token).
         linear_weight_init: initial per-head weight λ of the linear terms beside the softmax ones
             (learnable). The default, 1e-3, starts a hybrid at (almost exactly) sinks + window, which
             on pretrained models is far better than an untrained linear branch (SmolLM2 @1024, window 64,
@@ -72,6 +78,8 @@ class LinearizeAttention(PassConfig):
     gate_rank: int = 16
     window: int = 64
     sinks: int = 4
+    memory: int = 0
+    memory_block: int = 64
     linear_weight_init: float = 1e-3
     window_weight_init: float = 0.1
     local: bool = False
@@ -90,6 +98,15 @@ class LinearizeAttention(PassConfig):
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             raise ConfigError(f"LinearizeAttention.sinks must be an int >= 0 (first tokens kept as exact softmax), "
                               f"got {self.sinks!r}")
+        for name in ("memory", "memory_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "memory_block"):
+                raise ConfigError(f"LinearizeAttention.{name} must be an int >= {int(name == 'memory_block')}, "
+                                  f"got {value!r}")
+        if self.memory and self.gate != "none":
+            raise ConfigError(f"LinearizeAttention(memory={self.memory}) keeps tokens out of the linear state, which "
+                              f"needs ungated attention; gate={self.gate!r} decays contributions that then cannot be "
+                              "taken out exactly: use gate='none' or memory=0")
         if not self.linear_weight_init > 0:
             raise ConfigError(f"LinearizeAttention.linear_weight_init must be > 0, got {self.linear_weight_init}")
         if not 0.0 < self.window_weight_init < 1.0:

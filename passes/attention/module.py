@@ -36,6 +36,7 @@ from surgeon.core.errors import ConfigError
 from surgeon.ops.feature_maps import make_feature_map
 from surgeon.ops.linear_attention import (bidirectional_linear_attention, linear_attention, local_window_mask,
                                           update_sinks)
+from surgeon.ops.linear_attention.streaming import Carry, run_blocks
 from surgeon.ops.linear_attention.weights import (linear_weight, linear_weight_parameter, window_weight,
                                                   window_weight_parameter)
 from surgeon.passes.attention.config import LinearizeAttention
@@ -58,6 +59,8 @@ class LinearAttention(nn.Module):
         self.is_causal = causal
         self.window = config.window
         self.sinks = config.sinks if causal else 0
+        self.memory = config.memory if causal else 0
+        self.memory_block = config.memory_block
         self.gate = config.gate
         self.local = config.local
         self.chunk_size = config.chunk_size
@@ -89,6 +92,7 @@ class LinearAttention(nn.Module):
         lay = self.layout
         return (f"replaces={self.original_class}, heads={lay.n_heads}, kv_heads={lay.n_kv_heads}, "
                 f"head_dim={lay.head_dim}, feature_map={self.feature_q.kind}, window={self.window}, sinks={self.sinks}, "
+                f"{f'memory={self.memory}, ' if self.memory else ''}"
                 f"gate={self.gate}, causal={self.is_causal}")
 
     # -- q, k, v -----------------------------------------------------------------------------
@@ -182,34 +186,42 @@ class LinearAttention(nn.Module):
 
     def _causal(self, q, k, v, log_decay, mask, cache) -> torch.Tensor:
         w = self.window
-        past_k = past_v = state = sinks = None
-        layer = None
+        carry, layer = Carry(), None
         if cache is not None:
             if isinstance(cache, EncoderDecoderCache):
                 cache = cache.self_attention_cache
             layer = _recurrent_layer(cache, self.layer_idx, w)
             if w > 1 and layer.is_initialized and layer.keys is not None and layer.keys.shape[-2] > 0:
-                past_k, past_v = layer.keys[..., -(w - 1):, :], layer.values[..., -(w - 1):, :]
+                carry.past_k, carry.past_v = layer.keys[..., -(w - 1):, :], layer.values[..., -(w - 1):, :]
             if layer.is_recurrent_states_initialized[0]:
-                state = layer.recurrent_states[0]
-            sinks = layer.sink_state
+                carry.state = layer.recurrent_states[0]
+            carry.sink_state, carry.memory_state = layer.sink_state, layer.memory_state
             cache.update(k, v, self.layer_idx)
-        n_past = 0 if past_k is None else past_k.shape[-2]
+        n_past = 0 if carry.past_k is None else carry.past_k.shape[-2]
         key_mask = _key_mask(mask, n_past + q.shape[-2])
-        out, new_state = linear_attention(
-            q, k, v, self.feature_q, self.feature_k, scale=self.layout.scale, window=w,
-            window_weight=self.window_weight(), linear_weight=self.linear_weight(), log_decay=log_decay,
-            key_mask=key_mask, past_k=past_k, past_v=past_v, state=state, sinks=self.sinks, sink_state=sinks,
-            form="recurrent" if q.shape[-2] == 1 else "chunked", chunk_size=self.chunk_size,  # one step: ~3x faster
-        )
+        weights = dict(window_weight=self.window_weight(), linear_weight=self.linear_weight(),
+                       chunk_size=self.chunk_size)
+        if self.memory:
+            done = run_blocks(q, k, v, self.feature_q, self.feature_k, carry, scale=self.layout.scale, window=w,
+                              sinks=self.sinks, memory=self.memory, block=self.memory_block, key_mask=key_mask,
+                              log_decay=log_decay, **weights)
+            out, after = done.out, done.carry
+        else:
+            out, new_state = linear_attention(
+                q, k, v, self.feature_q, self.feature_k, scale=self.layout.scale, window=w, log_decay=log_decay,
+                key_mask=key_mask, past_k=carry.past_k, past_v=carry.past_v, state=carry.state, sinks=self.sinks,
+                sink_state=carry.sink_state, form="recurrent" if q.shape[-2] == 1 else "chunked",  # one step: ~3x faster
+                **weights)
+            after = Carry(state=new_state)
+            if layer is not None and self.sinks:
+                seen_k = k if carry.past_k is None else torch.cat([carry.past_k, k], -2)
+                seen_v = v if carry.past_v is None else torch.cat([carry.past_v, v], -2)
+                after.sink_state = update_sinks(self.sinks, w, carry.sink_state, seen_k, seen_v, key_mask)
         if layer is not None:
             keep = not torch.is_grad_enabled()
-            cache.update_recurrent_state(new_state.detach() if keep else new_state, self.layer_idx)
+            cache.update_recurrent_state(after.state.detach() if keep else after.state, self.layer_idx)
             layer.has_previous_state[0] = True
-            if self.sinks:
-                seen_k = k if past_k is None else torch.cat([past_k, k], -2)
-                seen_v = v if past_v is None else torch.cat([past_v, v], -2)
-                layer.sink_state = update_sinks(self.sinks, w, sinks, seen_k, seen_v, key_mask)
+            layer.sink_state, layer.memory_state = after.sink_state, after.memory_state
         return out
 
     def _bidirectional(self, q, k, v, mask) -> torch.Tensor:
@@ -248,21 +260,25 @@ class SinkWindowLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     """transformers' linear + sliding-window cache layer plus the attention-sink slots of a hybrid layer.
 
     ``sink_state`` is ``(keys, values, valid)`` with a fixed number of slots (None before any token
-    has left the window); beam search reorders it with the rest of the layer.
+    has left the window); ``memory_state`` the memory slots (``LinearizeAttention(memory=G)``); beam
+    search reorders both with the rest of the layer.
     """
 
     def __init__(self, sliding_window: int, number_of_states: int = 1, **kwargs: Any) -> None:
         super().__init__(sliding_window=sliding_window, number_of_states=number_of_states, **kwargs)
         self.sink_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.memory_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def reset(self) -> None:
         super().reset()
-        self.sink_state = None
+        self.sink_state = self.memory_state = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.sink_state is not None:
-            self.sink_state = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.sink_state)
+        for name in ("sink_state", "memory_state"):
+            slots = getattr(self, name)
+            if slots is not None:
+                setattr(self, name, tuple(t.index_select(0, beam_idx.to(t.device)) for t in slots))
 
 
 def _recurrent_layer(cache: Cache, idx: int, window: int) -> SinkWindowLayer:
@@ -277,8 +293,9 @@ def _recurrent_layer(cache: Cache, idx: int, window: int) -> SinkWindowLayer:
         # sliding_window >= 2: transformers keeps the last sliding_window - 1 tokens (0 would mean all)
         layer = SinkWindowLayer(sliding_window=max(window, 2))
         cache.layers[idx] = layer
-    elif not hasattr(layer, "sink_state"):
-        layer.sink_state = None   # a plain transformers layer (e.g. built from config.layer_types)
+    for name in ("sink_state", "memory_state"):
+        if not hasattr(layer, name):
+            setattr(layer, name, None)   # a plain transformers layer (e.g. built from config.layer_types)
     return layer
 
 

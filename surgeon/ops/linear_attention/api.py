@@ -18,6 +18,7 @@ from torch import Tensor
 from surgeon.core.errors import ConfigError
 from surgeon.ops.linear_attention.chunked import bidir_chunked, causal_chunked
 from surgeon.ops.linear_attention.inputs import FeatureFn, check_chunk, check_choice, check_local_mask, prepare
+from surgeon.ops.linear_attention.memory import MemoryState
 from surgeon.ops.linear_attention.recurrent import causal_recurrent
 from surgeon.ops.linear_attention.reference import bidir_parallel, causal_parallel
 from surgeon.ops.linear_attention.sinks import SinkState, update_sinks
@@ -34,7 +35,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feat
                      window: int = 0, window_weight: Tensor | None = None, linear_weight: Tensor | None = None,
                      log_decay: Tensor | None = None, key_mask: Tensor | None = None,
                      past_k: Tensor | None = None, past_v: Tensor | None = None, state: Tensor | None = None,
-                     sinks: int = 0, sink_state: SinkState | None = None,
+                     sinks: int = 0, sink_state: SinkState | None = None, memory_state: MemoryState | None = None,
                      form: Literal["parallel", "chunked", "recurrent"] = "chunked", chunk_size: int = 64,
                      eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Causal (hybrid) linear attention. q (B,H,T,D); k,v (B,Hkv,T,D/Dv) for the new tokens only; returns (out (B,H,T,Dv), new_state (B,H,F,Dv+1)).
@@ -44,7 +45,10 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feat
     (B,Hkv,P,·) with P ≤ max(window−1, 0) and ``state`` continue a cached sequence. ``sinks`` keeps
     the first valid tokens as exact softmax keys forever; ``sink_state`` holds those that left the
     window in earlier calls (fixed-size slots, see :mod:`~surgeon.ops.linear_attention.sinks`); the
-    next call's comes from :func:`update_sinks` (None = no token has left yet).
+    next call's comes from :func:`update_sinks` (None = no token has left yet). ``memory_state``: the
+    memory slots (LoLA's sparse cache, :mod:`~surgeon.ops.linear_attention.memory`), exact softmax keys
+    every query of the call sees; the next call's comes from :func:`update_memory`, which also takes the
+    kept tokens out of the returned state.
 
     Example:
         >>> import torch
@@ -63,14 +67,15 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feat
     """
     check_choice("form", form, CAUSAL_FORMS)
     capturing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    if form == "chunked" and not capturing and q.shape[2] > BLOCK_TOKENS:   # no shape guard when captured
+    long_call = form == "chunked" and q.shape[2] > BLOCK_TOKENS and memory_state is None   # memory: see run_blocks
+    if long_call and not capturing:   # no shape guard when captured
         return _in_blocks(q, k, v, feature_q, feature_k, scale=scale, window=window, window_weight=window_weight,
                           linear_weight=linear_weight, log_decay=log_decay, key_mask=key_mask, past_k=past_k,
                           past_v=past_v, state=state, sinks=sinks, sink_state=sink_state, chunk_size=chunk_size,
                           eps=eps)
     x = prepare(q, k, v, feature_q, feature_k, scale=scale, window=window, window_weight=window_weight,
                 linear_weight=linear_weight, log_decay=log_decay, key_mask=key_mask, past_k=past_k,
-                past_v=past_v, state=state, eps=eps, sinks=sinks, sink_state=sink_state)
+                past_v=past_v, state=state, eps=eps, sinks=sinks, sink_state=sink_state, memory_state=memory_state)
     if form == "parallel":
         out, new_state = causal_parallel(x)
     elif form == "recurrent":

@@ -21,17 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from surgeon.ops.linear_attention.common import (Parts, decay_state, empty_parts, finish, merge_parts,
-                                                 repeat_heads, sink_parts, softmax_parts, with_ones)
+from surgeon.ops.linear_attention.common import (Parts, decay_state, empty_parts, finish, repeat_heads, softmax_parts,
+                                                 with_ones, with_slots)
 from surgeon.ops.linear_attention.inputs import Inputs
 
 
 def causal_chunked(x: Inputs, C: int) -> tuple[Tensor, Tensor]:
     """Causal hybrid attention in linear time; returns (out, new_state)."""
     parts = window_chunked(x, C) if x.window > 0 else empty_parts(x)
-    sinks = sink_parts(x)
-    if sinks is not None:
-        parts = merge_parts(parts, sinks)
+    parts = with_slots(parts, x)
     fk, vv = fold_stream(x)
     if x.log_decay is None:
         lin, new_state = linear_chunked(x.fq, fk, vv, None if x.fresh else x.state, x.groups,

@@ -71,6 +71,24 @@ def sink_parts(x: Inputs, rows: slice | None = None) -> Parts | None:
     return softmax_parts(x.scale * q @ k.transpose(-1, -2), visible, v)
 
 
+def memory_parts(x: Inputs, rows: slice | None = None) -> Parts | None:
+    """Exact softmax terms over the filled memory slots (every query of the call sees them; None without memory)."""
+    if x.memory_k is None or x.memory_k.shape[2] == 0:
+        return None
+    g = x.groups
+    q = x.q if rows is None else x.q[:, :, rows]
+    k, v = repeat_heads(x.memory_k, g), repeat_heads(x.memory_v, g)
+    return softmax_parts(x.scale * q @ k.transpose(-1, -2), repeat_heads(x.memory_filled, g)[:, :, None, :], v)
+
+
+def with_slots(parts: Parts, x: Inputs, rows: slice | None = None) -> Parts:
+    """``parts`` merged with the sink and memory-slot terms under the one normaliser."""
+    for extra in (sink_parts(x, rows), memory_parts(x, rows)):
+        if extra is not None:
+            parts = merge_parts(parts, extra)
+    return parts
+
+
 def finish(x: Inputs, parts: Parts, lin: Tensor | None, rows: slice | None = None) -> Tensor:
     """γ-weighted softmax terms plus λ-weighted linear terms [num | den], divided; padded queries are 0."""
     num, den = x.gamma * parts[0], x.gamma * parts[1]

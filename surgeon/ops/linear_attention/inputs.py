@@ -45,6 +45,9 @@ class Inputs:
     sink_k: Tensor | None = None        # (B, Hkv, 2k, D): the k cached sink slots, then the k new candidates
     sink_v: Tensor | None = None        # (B, Hkv, 2k, Dv)
     sink_visible: Tensor | None = None  # (B, 1, T, 2k) bool: query t sees sink s
+    memory_k: Tensor | None = None      # (B, Hkv, G, D): memory slots (every query of the call sees the filled ones)
+    memory_v: Tensor | None = None      # (B, Hkv, G, Dv)
+    memory_filled: Tensor | None = None  # (B, Hkv, G) bool
 
     @property
     def past(self) -> int:
@@ -59,7 +62,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k: Fe
             window: int, window_weight: Tensor | None = None, linear_weight: Tensor | None = None,
             log_decay: Tensor | None = None, key_mask: Tensor | None = None, past_k: Tensor | None = None,
             past_v: Tensor | None = None, state: Tensor | None = None, eps: float = 1e-6, sinks: int = 0,
-            sink_state: SinkState | None = None) -> Inputs:
+            sink_state: SinkState | None = None, memory_state: tuple[Tensor, Tensor, Tensor] | None = None) -> Inputs:
     """Check shapes, apply the feature maps, join past + current, cast to the compute dtype."""
     B, H, T, _, Hkv, Dv = _check_qkv(q, k, v)
     if not isinstance(window, int) or isinstance(window, bool) or window < 0:
@@ -94,6 +97,13 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k: Fe
     )
     if sinks > 0:
         _attach_sinks(x, sink_state, index, is_cand)
+    if memory_state is not None:
+        from surgeon.ops.linear_attention.memory import check_memory_state   # memory builds on this module
+        if log_decay is not None:
+            raise ConfigError("memory slots need ungated linear attention (a decayed contribution cannot be taken "
+                              "out of the state exactly): pass log_decay=None or no memory_state")
+        mk, mv, ok = check_memory_state(memory_state, memory_state[0].shape[2], k, v)
+        x.memory_k, x.memory_v, x.memory_filled = mk.to(dtype), mv.to(dtype), ok
     return x
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from surgeon.ops.linear_attention.common import (decay_state, empty_parts, finish, merge_parts, repeat_heads,
-                                                 sink_parts, softmax_parts, with_ones)
+from surgeon.ops.linear_attention.common import (decay_state, empty_parts, finish, repeat_heads, softmax_parts,
+                                                 with_ones, with_slots)
 from surgeon.ops.linear_attention.inputs import Inputs
 
 
@@ -44,8 +44,6 @@ def causal_recurrent(x: Inputs) -> tuple[Tensor, Tensor]:
             parts = softmax_parts(scores, x.valid[:, None, None, lo:t + 1], v[:, :, lo:t + 1])
             if t - w + 1 >= 0:                            # the oldest window token leaves: fold it
                 state = state + fk[:, :, lo, :, None] * vv[:, :, lo, None, :]
-        sinks = sink_parts(x, slice(i, i + 1))
-        if sinks is not None:
-            parts = merge_parts(parts, sinks)
+        parts = with_slots(parts, x, slice(i, i + 1))
         outs.append(finish(x, parts, lin, slice(i, i + 1)))
     return torch.cat(outs, dim=2), state

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from surgeon.ops.linear_attention.common import (decay_state, empty_parts, finish, merge_parts, repeat_heads,
-                                                 sink_parts, softmax_parts, with_ones)
+from surgeon.ops.linear_attention.common import (decay_state, empty_parts, finish, repeat_heads, softmax_parts,
+                                                 with_ones, with_slots)
 from surgeon.ops.linear_attention.inputs import Inputs
 
 
@@ -33,9 +33,7 @@ def causal_parallel(x: Inputs) -> tuple[Tensor, Tensor]:
     if w > 0:
         in_window = (j <= t) & (j > t - w) & valid
         parts = softmax_parts(x.scale * x.q @ k.transpose(-1, -2), in_window, v)
-    sinks = sink_parts(x)
-    if sinks is not None:
-        parts = merge_parts(parts, sinks)
+    parts = with_slots(parts, x)
     linear = ((e < t) if w > 0 else (e <= t)) & valid
     vv = with_ones(v)
     if x.log_decay is None:

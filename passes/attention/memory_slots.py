@@ -1,0 +1,55 @@
+"""Add (or remove) memory slots on a model that is already linearized, e.g. after distillation.
+
+Memory slots (``LinearizeAttention(memory=G)``, LoLA's sparse cache) hold no parameters: they keep
+the key/value pairs the linear state recalls worst as exact softmax keys. LoLA adds them to a
+linearized, distilled model without further training; :func:`set_memory` does that on a live model.
+
+Example:
+    >>> import torch, transformers, surgeon
+    >>> from surgeon.passes import LinearizeAttention
+    >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    >>> model = surgeon.apply(transformers.LlamaForCausalLM(cfg).eval(), LinearizeAttention(window=4)).model
+    >>> set_memory(model, 8)
+    2
+    >>> model.model.layers[0].self_attn.memory
+    8
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from surgeon.core.errors import ConfigError
+
+
+def set_memory(model: nn.Module, slots: int, block: int | None = None) -> int:
+    """Give every causal linearized attention layer of ``model`` ``slots`` memory slots (0 removes them);
+    ``block``: prefill tokens per memory update (default: keep each layer's). Returns the number of layers.
+
+    Checks every layer before changing any: gated layers (their decayed contributions cannot be taken
+    out of the state) and bidirectional ones are refused with their names.
+    """
+    from surgeon.distill.transfer import linear_units
+
+    for name, value, low in (("slots", slots, 0), ("block", 1 if block is None else block, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"set_memory: {name} must be an int >= {low}, got {value!r}")
+    units = linear_units(model)
+    if not units:
+        raise ConfigError(f"set_memory: {type(model).__name__} has no linearized attention layer; run "
+                          "surgeon.apply(model, LinearizeAttention(...)) first")
+    if slots:
+        gated = [n for n, u in units if u.gate != "none"]
+        bidirectional = [n for n, u in units if not u.is_causal]
+        if gated or bidirectional:
+            raise ConfigError(f"set_memory: memory slots need causal, ungated linear attention; refused layers: "
+                              f"{', '.join(gated + bidirectional)} (gated: {len(gated)}, bidirectional: "
+                              f"{len(bidirectional)}); nothing was changed")
+    for _, unit in units:
+        unit.memory = slots
+        if block is not None:
+            unit.memory_block = block
+    return len(units)
+
+
+__all__ = ["set_memory"]
