@@ -89,6 +89,12 @@ class StateLayout:
             raise ExportError(f"{type(model).__name__} has no linearized attention layers: export it with "
                               "surgeon.export.to_onnx(model, path, example_inputs) as one forward graph, or "
                               "apply LinearizeAttention first")
+        with_memory = [i for i, m in units if getattr(m, "memory", 0)]
+        if with_memory:
+            raise ExportError(f"layers {with_memory} have memory slots (LinearizeAttention(memory=...)), which the "
+                              "prefill/decode graphs do not carry yet; export without them "
+                              "(surgeon.passes.attention.memory_slots.set_memory(model, 0)) and keep memory slots "
+                              "for PyTorch inference")
         bidirectional = [i for i, m in units if not m.is_causal]
         if bidirectional:
             raise ExportError(f"layers {bidirectional} are bidirectional: prefill/decode graphs are for causal LMs; "

@@ -1,0 +1,168 @@
+"""Recall beyond the window with memory slots (LoLA's sparse cache) on the distilled SmolLM2.
+
+A linear state blurs a passkey read once, hundreds of tokens back; sinks + window forget it by
+construction. ``LinearizeAttention(memory=G)`` keeps, per layer and kv head, the G key/value pairs the
+linear state recalls worst as exact softmax keys (no training: added to the distilled model with
+``set_memory``). For each G this measures the needle beyond the window (depths where the teacher
+succeeds), greedy agreement on held-out prompts longer than the window, and the perplexity ratio,
+beside the untrained sinks + window baseline holding the same decode-state bytes (its window grown by
+G). Every row gives its decode-state bytes at 8K (fp32, batch 1). Prints a table, writes JSON + PNG.
+
+    python benchmarks/distill_smollm2.py --quick          # once: trains and saves the student it reads
+    python benchmarks/memory_slots_smollm2.py --slots 0,16,64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_smollm2 import SINKS, greedy_agreement, kv_bytes, nll, streaming_mask  # noqa: E402
+
+import surgeon  # noqa: E402
+from surgeon.core.errors import ConfigError  # noqa: E402
+from surgeon.core.report import format_table  # noqa: E402
+from surgeon.distill.evaluate import exact_continuation, held_out_windows, make_niah_trials  # noqa: E402
+from surgeon.distill.transfer import linear_units  # noqa: E402
+from surgeon.export.stateful_lm import StateLayout  # noqa: E402
+from surgeon.models.smollm2 import load_smollm2  # noqa: E402
+from surgeon.passes.attention.memory_slots import set_memory  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--student", default="out/bench_distill/quick/student",
+                    help="a distilled model saved by benchmarks/distill_smollm2.py (surgeon.save folder)")
+    ap.add_argument("--slots", default="0,16,64", help="memory slots per layer and kv head to try")
+    ap.add_argument("--block", type=int, default=64, help="prefill tokens per memory update")
+    ap.add_argument("--needle-trials", type=int, default=2, help="trials per depth")
+    ap.add_argument("--greedy-prompts", type=int, default=20)
+    ap.add_argument("--greedy-new", type=int, default=12)
+    ap.add_argument("--eval-windows", type=int, default=2, help="held-out windows per perplexity context")
+    ap.add_argument("--contexts", default="1024,2048")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/memory_slots_smollm2.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    student_dir = Path(args.student)
+    if not (student_dir / "recipe.json").is_file():
+        raise ConfigError(f"no saved student at {student_dir}: run `python benchmarks/distill_smollm2.py --quick` "
+                          "first (it saves the distilled model there), or pass --student DIR")
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{(time.perf_counter() - t0) / 60:6.1f} min] {msg}", flush=True)
+
+    teacher, tok = load_smollm2()
+    teacher.eval()
+    base, _ = load_smollm2()
+    student = surgeon.restore(base, student_dir).eval()
+    units = linear_units(student)
+    window, sinks = units[0][1].window, units[0][1].sinks
+    base_state = StateLayout.of(student).state_bytes(batch=1)
+    per_slot = kv_bytes(1) * len(units) // 30          # one more key/value per linearized layer
+    log(f"student: {len(units)} linearized layers, window {window}, {sinks} sinks, state {base_state / 2**20:.2f} MiB")
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    windows = {c: held_out_windows(tok, c, args.eval_windows) for c in contexts}
+    teacher_nll = {c: nll(teacher, windows[c]) for c in contexts}
+    depths = [0.1, 0.3, 0.5, 0.7]
+    haystack = held_out_windows(tok, 1024, 4)
+    trials = make_niah_trials(tok, haystack, 1024, depths, args.needle_trials, 0, teacher.config.vocab_size)
+    long_prompts = list(held_out_windows(tok, max(256, 2 * window), args.greedy_prompts))
+
+    @torch.no_grad()
+    def needle(model, mask_fn=None) -> list[float]:
+        scores = []
+        for per_depth in trials:
+            hits = 0
+            for ids, start in per_depth:
+                if mask_fn is None:
+                    hits += exact_continuation(model, ids, start)
+                else:
+                    logits = model(input_ids=ids[None], attention_mask=mask_fn(ids.shape[0]), use_cache=False).logits
+                    hits += bool((logits[0, start - 1:-1].argmax(-1) == ids[start:]).all())
+            scores.append(hits / len(per_depth))
+        return scores
+
+    def ratios(model, mask_fn=None) -> dict[str, float]:
+        out = {}
+        for c in contexts:
+            a, n = nll(model, windows[c], mask_fn)
+            out[f"ratio@{c}"] = round(math.exp(a / n) / math.exp(teacher_nll[c][0] / teacher_nll[c][1]), 4)
+        return out
+
+    teacher_needle = needle(teacher)
+    log(f"teacher needle by depth {dict(zip(depths, teacher_needle))}")
+    where = [i for i, s in enumerate(teacher_needle) if s >= 0.8]
+    rows = []
+    eq_base = base_state // kv_bytes(1) - SINKS
+    for slots in tqdm([int(s) for s in args.slots.split(",")], desc="memory slots"):
+        set_memory(student, slots, block=args.block)
+        state = base_state + slots * per_slot
+        t1 = time.perf_counter()
+        n = needle(student)
+        row = {"model": f"distilled hybrid + {slots} memory slots", "slots": slots,
+               "state_MiB@8K": round(state / 2**20, 2), "state_%KV@8K": round(100 * state / kv_bytes(8192), 2),
+               "needle": n, "needle_where_teacher_succeeds": round(sum(n[i] for i in where) / max(len(where), 1), 3),
+               "greedy_long": round(greedy_agreement(student, teacher, long_prompts, args.greedy_new), 3),
+               **ratios(student), "seconds": round(time.perf_counter() - t1, 1)}
+        rows.append(row)
+        log(f"{row['model']}: {row}")
+        mask = streaming_mask(eq_base + slots, SINKS)
+        n = needle(teacher, mask)
+        rows.append({"model": f"sinks + window {eq_base + slots} (no training, equal state)", "slots": slots,
+                     "state_MiB@8K": round(kv_bytes(eq_base + slots + SINKS) / 2**20, 2),
+                     "state_%KV@8K": round(100 * kv_bytes(eq_base + slots + SINKS) / kv_bytes(8192), 2),
+                     "needle": n, "needle_where_teacher_succeeds": round(sum(n[i] for i in where) / max(len(where), 1), 3),
+                     "greedy_long": None, **ratios(teacher, mask)})
+        log(f"{rows[-1]['model']}: {rows[-1]}")
+    set_memory(student, 0)
+
+    cols = ["model", "state_MiB@8K", "state_%KV@8K", "needle_where_teacher_succeeds", "greedy_long",
+            *[f"ratio@{c}" for c in contexts]]
+    print(format_table(cols, rows))
+    result = {"student": str(student_dir), "window": window, "sinks": sinks, "block": args.block,
+              "needle": {"context": 1024, "depths": depths, "trials_per_depth": args.needle_trials,
+                         "teacher": teacher_needle},
+              "greedy": {"prompts": len(long_prompts), "prompt_tokens": int(long_prompts[0].shape[0]),
+                         "new_tokens": args.greedy_new},
+              "eval_windows": args.eval_windows, "rows": rows,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, fp32, eager PyTorch (both sides)",
+              "minutes": round((time.perf_counter() - t0) / 60, 1)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    log(f"wrote {out}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, marker in (("distilled", "o"), ("sinks", "s")):
+        sel = [r for r in rows if r["model"].startswith(kind)]
+        xs = [r["state_MiB@8K"] for r in sel]
+        ax[0].plot(xs, [r["needle_where_teacher_succeeds"] for r in sel], marker=marker, label=sel[0]["model"].split(" (")[0].split(" +")[0] if sel else kind)
+        ax[1].plot(xs, [r["ratio@1024"] for r in sel], marker=marker, label=kind)
+    ax[0].set(xlabel="decode state at 8K (MiB)", ylabel="needle beyond the window", title="recall")
+    ax[1].set(xlabel="decode state at 8K (MiB)", ylabel="perplexity ratio @1024", title="fidelity")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
