@@ -9,7 +9,11 @@ beside the untrained sinks + window baseline holding the same decode-state bytes
 G). Every row gives its decode-state bytes at 8K (fp32, batch 1). Prints a table, writes JSON + PNG.
 
     python benchmarks/distill_smollm2.py --quick          # once: trains and saves the student it reads
-    python benchmarks/memory_slots_smollm2.py --slots 0,16,64
+    python benchmarks/memory_slots_smollm2.py --configs 256:0,256:64,64:256
+
+A configuration ``window:slots`` also runs the student at another window than it was trained with (the
+feature maps then cover the tokens between the two windows), to trade window tokens for memory slots at
+the same decode state.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", default="out/bench_distill/quick/student",
                     help="a distilled model saved by benchmarks/distill_smollm2.py (surgeon.save folder)")
-    ap.add_argument("--slots", default="0,16,64", help="memory slots per layer and kv head to try")
+    ap.add_argument("--configs", default="256:0,256:64,64:256",
+                    help="window:slots pairs to try (slots: memory slots per layer and kv head)")
     ap.add_argument("--block", type=int, default=64, help="prefill tokens per memory update")
     ap.add_argument("--needle-trials", type=int, default=2, help="trials per depth")
     ap.add_argument("--greedy-prompts", type=int, default=20)
@@ -66,10 +71,9 @@ def main() -> None:
     base, _ = load_smollm2()
     student = surgeon.restore(base, student_dir).eval()
     units = linear_units(student)
-    window, sinks = units[0][1].window, units[0][1].sinks
-    base_state = StateLayout.of(student).state_bytes(batch=1)
+    trained_window, sinks = units[0][1].window, units[0][1].sinks
     per_slot = kv_bytes(1) * len(units) // 30          # one more key/value per linearized layer
-    log(f"student: {len(units)} linearized layers, window {window}, {sinks} sinks, state {base_state / 2**20:.2f} MiB")
+    log(f"student: {len(units)} linearized layers, trained at window {trained_window}, {sinks} sinks")
 
     contexts = [int(c) for c in args.contexts.split(",")]
     windows = {c: held_out_windows(tok, c, args.eval_windows) for c in contexts}
@@ -77,7 +81,9 @@ def main() -> None:
     depths = [0.1, 0.3, 0.5, 0.7]
     haystack = held_out_windows(tok, 1024, 4)
     trials = make_niah_trials(tok, haystack, 1024, depths, args.needle_trials, 0, teacher.config.vocab_size)
-    long_prompts = list(held_out_windows(tok, max(256, 2 * window), args.greedy_prompts))
+    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+    longest = max([trained_window] + [w for w, _ in configs])
+    long_prompts = list(held_out_windows(tok, max(256, 2 * longest), args.greedy_prompts))
 
     @torch.no_grad()
     def needle(model, mask_fn=None) -> list[float]:
@@ -104,33 +110,34 @@ def main() -> None:
     log(f"teacher needle by depth {dict(zip(depths, teacher_needle))}")
     where = [i for i, s in enumerate(teacher_needle) if s >= 0.8]
     rows = []
-    eq_base = base_state // kv_bytes(1) - SINKS
-    for slots in tqdm([int(s) for s in args.slots.split(",")], desc="memory slots"):
+    for window, slots in tqdm(configs, desc="window:slots"):
+        set_memory(student, 0)
+        for _, unit in units:
+            unit.window = window
+        state = StateLayout.of(student).state_bytes(batch=1) + slots * per_slot
         set_memory(student, slots, block=args.block)
-        state = base_state + slots * per_slot
         t1 = time.perf_counter()
         n = needle(student)
-        row = {"model": f"distilled hybrid + {slots} memory slots", "slots": slots,
+        row = {"model": f"distilled hybrid, window {window} + {slots} memory slots", "window": window, "slots": slots,
                "state_MiB@8K": round(state / 2**20, 2), "state_%KV@8K": round(100 * state / kv_bytes(8192), 2),
                "needle": n, "needle_where_teacher_succeeds": round(sum(n[i] for i in where) / max(len(where), 1), 3),
                "greedy_long": round(greedy_agreement(student, teacher, long_prompts, args.greedy_new), 3),
                **ratios(student), "seconds": round(time.perf_counter() - t1, 1)}
         rows.append(row)
         log(f"{row['model']}: {row}")
-        mask = streaming_mask(eq_base + slots, SINKS)
+        eq_window = state // kv_bytes(1) - SINKS
+        mask = streaming_mask(eq_window, SINKS)
         n = needle(teacher, mask)
-        rows.append({"model": f"sinks + window {eq_base + slots} (no training, equal state)", "slots": slots,
-                     "state_MiB@8K": round(kv_bytes(eq_base + slots + SINKS) / 2**20, 2),
-                     "state_%KV@8K": round(100 * kv_bytes(eq_base + slots + SINKS) / kv_bytes(8192), 2),
+        rows.append({"model": f"sinks + window {eq_window} (no training, equal state)", "window": eq_window, "slots": 0,
+                     "state_MiB@8K": round(kv_bytes(eq_window + SINKS) / 2**20, 2),
+                     "state_%KV@8K": round(100 * kv_bytes(eq_window + SINKS) / kv_bytes(8192), 2),
                      "needle": n, "needle_where_teacher_succeeds": round(sum(n[i] for i in where) / max(len(where), 1), 3),
                      "greedy_long": None, **ratios(teacher, mask)})
         log(f"{rows[-1]['model']}: {rows[-1]}")
-    set_memory(student, 0)
-
     cols = ["model", "state_MiB@8K", "state_%KV@8K", "needle_where_teacher_succeeds", "greedy_long",
             *[f"ratio@{c}" for c in contexts]]
     print(format_table(cols, rows))
-    result = {"student": str(student_dir), "window": window, "sinks": sinks, "block": args.block,
+    result = {"student": str(student_dir), "trained_window": trained_window, "sinks": sinks, "block": args.block,
               "needle": {"context": 1024, "depths": depths, "trials_per_depth": args.needle_trials,
                          "teacher": teacher_needle},
               "greedy": {"prompts": len(long_prompts), "prompt_tokens": int(long_prompts[0].shape[0]),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from surgeon.core.errors import ConfigError
+from surgeon.passes.attention.module import LinearAttention
 
 
 def set_memory(model: nn.Module, slots: int, block: int | None = None) -> int:
@@ -29,12 +30,10 @@ def set_memory(model: nn.Module, slots: int, block: int | None = None) -> int:
     Checks every layer before changing any: gated layers (their decayed contributions cannot be taken
     out of the state) and bidirectional ones are refused with their names.
     """
-    from surgeon.distill.transfer import linear_units
-
     for name, value, low in (("slots", slots, 0), ("block", 1 if block is None else block, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"set_memory: {name} must be an int >= {low}, got {value!r}")
-    units = linear_units(model)
+    units = [(n, m) for n, m in model.named_modules() if isinstance(m, LinearAttention)]
     if not units:
         raise ConfigError(f"set_memory: {type(model).__name__} has no linearized attention layer; run "
                           "surgeon.apply(model, LinearizeAttention(...)) first")

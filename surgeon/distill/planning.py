@@ -145,15 +145,21 @@ def retrieval_scores(model: nn.Module, trials: list[tuple[torch.Tensor, int]], w
 
 
 def state_bytes_fn(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, features: int, sinks: int,
-                   context: int, dtype_bytes: int = 4) -> StateFn:
+                   context: int, dtype_bytes: int = 4, memory: int = 0) -> StateFn:
     """Decode-state bytes of a hybrid configuration at ``context`` tokens (batch 1), for :func:`plan_hybrid`.
 
-    A linear layer holds its fp32 recurrent state, the window's last w − 1 and the sinks' keys and
-    values; a softmax layer its KV cache of ``context`` tokens.
+    A linear layer holds its fp32 recurrent state, the window's last w − 1, the sinks' and the
+    ``memory`` slots' keys and values; a softmax layer its KV cache of ``context`` tokens.
+
+    Example:
+        >>> state = state_bytes_fn(30, 9, 3, 64, 32, sinks=4, context=8192)
+        >>> with_slots = state_bytes_fn(30, 9, 3, 64, 32, sinks=4, context=8192, memory=64)
+        >>> (with_slots(256, ()) - state(256, ())) // (30 * 64)     # one key + value per slot, layer and kv head
+        1536
     """
     def state(window: int, softmax_layers: tuple[int, ...]) -> int:
         kv_token = 2 * n_kv_heads * head_dim * dtype_bytes
-        linear = n_heads * features * (head_dim + 1) * 4 + (max(window - 1, 0) + sinks) * kv_token
+        linear = n_heads * features * (head_dim + 1) * 4 + (max(window - 1, 0) + sinks + memory) * kv_token
         n_soft = len(softmax_layers)
         return (n_layers - n_soft) * linear + n_soft * context * kv_token
     return state
