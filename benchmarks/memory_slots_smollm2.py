@@ -109,6 +109,11 @@ def main() -> None:
     teacher_needle = needle(teacher)
     log(f"teacher needle by depth {dict(zip(depths, teacher_needle))}")
     where = [i for i, s in enumerate(teacher_needle) if s >= 0.8]
+
+    def beyond(scores: list[float]) -> float:
+        """Needle score at the depths where the teacher succeeds."""
+        return round(sum(scores[i] for i in where) / max(len(where), 1), 3)
+
     rows = []
     for window, slots in tqdm(configs, desc="window:slots"):
         set_memory(student, 0)
@@ -120,7 +125,7 @@ def main() -> None:
         n = needle(student)
         row = {"model": f"distilled hybrid, window {window} + {slots} memory slots", "window": window, "slots": slots,
                "state_MiB@8K": round(state / 2**20, 2), "state_%KV@8K": round(100 * state / kv_bytes(8192), 2),
-               "needle": n, "needle_where_teacher_succeeds": round(sum(n[i] for i in where) / max(len(where), 1), 3),
+               "needle": n, "needle_where_teacher_succeeds": beyond(n),
                "greedy_long": round(greedy_agreement(student, teacher, long_prompts, args.greedy_new), 3),
                **ratios(student), "seconds": round(time.perf_counter() - t1, 1)}
         rows.append(row)
@@ -131,7 +136,7 @@ def main() -> None:
         rows.append({"model": f"sinks + window {eq_window} (no training, equal state)", "window": eq_window, "slots": 0,
                      "state_MiB@8K": round(kv_bytes(eq_window + SINKS) / 2**20, 2),
                      "state_%KV@8K": round(100 * kv_bytes(eq_window + SINKS) / kv_bytes(8192), 2),
-                     "needle": n, "needle_where_teacher_succeeds": round(sum(n[i] for i in where) / max(len(where), 1), 3),
+                     "needle": n, "needle_where_teacher_succeeds": beyond(n),
                      "greedy_long": None, **ratios(teacher, mask)})
         log(f"{rows[-1]['model']}: {rows[-1]}")
     cols = ["model", "state_MiB@8K", "state_%KV@8K", "needle_where_teacher_succeeds", "greedy_long",
@@ -157,11 +162,12 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker in (("distilled", "o"), ("sinks", "s")):
-        sel = [r for r in rows if r["model"].startswith(kind)]
+    for kind, marker, label in (("distilled", "o", "distilled hybrid + memory slots"),
+                                ("sinks", "s", "sinks + window, no training")):
+        sel = sorted((r for r in rows if r["model"].startswith(kind)), key=lambda r: r["state_MiB@8K"])
         xs = [r["state_MiB@8K"] for r in sel]
-        ax[0].plot(xs, [r["needle_where_teacher_succeeds"] for r in sel], marker=marker, label=sel[0]["model"].split(" (")[0].split(" +")[0] if sel else kind)
-        ax[1].plot(xs, [r["ratio@1024"] for r in sel], marker=marker, label=kind)
+        ax[0].plot(xs, [r["needle_where_teacher_succeeds"] for r in sel], marker=marker, label=label)
+        ax[1].plot(xs, [r["ratio@1024"] for r in sel], marker=marker, label=label)
     ax[0].set(xlabel="decode state at 8K (MiB)", ylabel="needle beyond the window", title="recall")
     ax[1].set(xlabel="decode state at 8K (MiB)", ylabel="perplexity ratio @1024", title="fidelity")
     for a in ax:

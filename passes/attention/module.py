@@ -210,7 +210,7 @@ class LinearAttention(nn.Module):
             out, new_state = linear_attention(
                 q, k, v, self.feature_q, self.feature_k, scale=self.layout.scale, window=w, log_decay=log_decay,
                 key_mask=key_mask, past_k=carry.past_k, past_v=carry.past_v, state=carry.state, sinks=self.sinks,
-                sink_state=carry.sink_state, form="recurrent" if q.shape[-2] == 1 else "chunked",  # one step: ~3x faster
+                sink_state=carry.sink_state, form="recurrent" if q.shape[-2] == 1 else "chunked",  # 1 step: ~3x faster
                 **weights)
             after = Carry(state=new_state)
             if layer is not None and self.sinks:

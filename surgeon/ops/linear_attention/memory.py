@@ -48,7 +48,8 @@ def empty_memory(keys: Tensor, values: Tensor, slots: int) -> MemoryState:
 def check_memory_state(state: MemoryState | None, slots: int, keys: Tensor, values: Tensor) -> MemoryState:
     """The memory slots (empty when ``state`` is None), or a clear error naming the bad part."""
     if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
-        raise ConfigError(f"memory must be an int ≥ 0 (exact softmax slots for the worst-recalled tokens), got {slots!r}")
+        raise ConfigError(f"memory must be an int ≥ 0 (exact softmax slots for the worst-recalled tokens), "
+                          f"got {slots!r}")
     if state is None:
         return empty_memory(keys, values, slots)
     if not isinstance(state, (tuple, list)) or len(state) != 3:
@@ -65,7 +66,7 @@ def check_memory_state(state: MemoryState | None, slots: int, keys: Tensor, valu
 
 
 def recall_error(fk: Tensor, v: Tensor, state: Tensor, own: bool, eps: float = 1e-6) -> Tensor:
-    """‖v − φ(k)ᵀS_v / φ(k)ᵀS_z‖² per token: fk (B,Hkv,n,F), v (B,Hkv,n,Dv), state (B,Hkv,F,Dv+1) -> (B,Hkv,n).
+    """‖v − φ(k)ᵀS_v / φ(k)ᵀS_z‖² per token; fk (B,Hkv,n,F), v (B,Hkv,n,Dv), state (B,Hkv,F,Dv+1) -> (B,Hkv,n).
 
     ``own``: the tokens are not in ``state`` (memory slots); each is scored as if folded in, like the
     candidates that are, so both compete on the same footing.
