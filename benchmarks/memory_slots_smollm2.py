@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_smollm2 import SINKS, greedy_agreement, kv_bytes, nll, streaming_mask  # noqa: E402
+from distill_smollm2 import SINKS, kv_bytes, nll, streaming_mask  # noqa: E402
 
 import surgeon  # noqa: E402
 from surgeon.core.errors import ConfigError  # noqa: E402
@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--greedy-new", type=int, default=12)
     ap.add_argument("--eval-windows", type=int, default=2, help="held-out windows per perplexity context")
     ap.add_argument("--contexts", default="1024,2048")
+    ap.add_argument("--baselines", help="JSON of an earlier run of this benchmark with the same settings: its "
+                    "sinks + window rows (teacher only) are reused for the windows they cover")
+    ap.add_argument("--needle-only", action="store_true", help="measure the needle only (no greedy, no perplexity)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/memory_slots_smollm2.json")
     args = ap.parse_args()
@@ -106,6 +109,34 @@ def main() -> None:
             out[f"ratio@{c}"] = round(math.exp(a / n) / math.exp(teacher_nll[c][0] / teacher_nll[c][1]), 4)
         return out
 
+    @torch.no_grad()
+    def masked_greedy(mask_fn) -> float:
+        """Greedy agreement of the teacher under a sinks + window mask with the unmasked teacher (no cache:
+        every step is a full forward under the mask)."""
+        same = 0
+        for ids, want in zip(long_prompts, teacher_greedy):
+            seq = ids[None]
+            for _ in range(args.greedy_new):
+                logits = teacher(input_ids=seq, attention_mask=mask_fn(seq.shape[1]), use_cache=False).logits
+                seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
+            same += int((seq[0, ids.shape[0]:] == want).sum())
+        return round(same / (len(long_prompts) * args.greedy_new), 3)
+
+    @torch.no_grad()
+    def generated_agreement(model) -> float:
+        """Greedy agreement with the teacher: same token at the same position of ``greedy_new`` generated ones."""
+        same = 0
+        for ids, want in zip(long_prompts, teacher_greedy):
+            got = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]),
+                                 max_new_tokens=args.greedy_new, min_new_tokens=args.greedy_new, do_sample=False,
+                                 pad_token_id=0)[0, ids.shape[0]:]
+            same += int((got == want).sum())
+        return round(same / (len(long_prompts) * args.greedy_new), 3)
+
+    with torch.no_grad():
+        teacher_greedy = [teacher.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]),
+                                           max_new_tokens=args.greedy_new, min_new_tokens=args.greedy_new,
+                                           do_sample=False, pad_token_id=0)[0, ids.shape[0]:] for ids in long_prompts]
     teacher_needle = needle(teacher)
     log(f"teacher needle by depth {dict(zip(depths, teacher_needle))}")
     where = [i for i, s in enumerate(teacher_needle) if s >= 0.8]
@@ -114,6 +145,15 @@ def main() -> None:
         """Needle score at the depths where the teacher succeeds."""
         return round(sum(scores[i] for i in where) / max(len(where), 1), 3)
 
+    settings = {"needle_trials": args.needle_trials, "greedy_prompts": args.greedy_prompts,
+                "greedy_new": args.greedy_new, "eval_windows": args.eval_windows, "contexts": contexts,
+                "needle_only": args.needle_only}
+    reused: dict[int, dict] = {}
+    if args.baselines:
+        earlier = json.loads(Path(args.baselines).read_text())
+        if settings_of(earlier) != settings:
+            raise ConfigError(f"--baselines {args.baselines} was run with {settings_of(earlier)}, not {settings}")
+        reused = {r["window"]: r for r in earlier["rows"] if r["model"].startswith("sinks")}
     rows = []
     for window, slots in tqdm(configs, desc="window:slots"):
         set_memory(student, 0)
@@ -123,38 +163,63 @@ def main() -> None:
         set_memory(student, slots, block=args.block)
         t1 = time.perf_counter()
         n = needle(student)
+        eq_window = state // kv_bytes(1) - SINKS
+        if args.needle_only:
+            rows.append({"model": f"distilled hybrid, window {window} + {slots} memory slots", "window": window,
+                         "slots": slots, "state_MiB@8K": round(state / 2**20, 2),
+                         "state_%KV@8K": round(100 * state / kv_bytes(8192), 2), "needle": n,
+                         "needle_where_teacher_succeeds": beyond(n)})
+            n = needle(teacher, streaming_mask(eq_window, SINKS))
+            rows.append({"model": f"sinks + window {eq_window} (no training, equal state)", "window": eq_window,
+                         "slots": 0, "state_MiB@8K": round(kv_bytes(eq_window + SINKS) / 2**20, 2),
+                         "state_%KV@8K": round(100 * kv_bytes(eq_window + SINKS) / kv_bytes(8192), 2), "needle": n,
+                         "needle_where_teacher_succeeds": beyond(n)})
+            log(f"{rows[-2]['model']}: needle {rows[-2]['needle']}; {rows[-1]['model']}: needle {n}")
+            continue
         row = {"model": f"distilled hybrid, window {window} + {slots} memory slots", "window": window, "slots": slots,
                "state_MiB@8K": round(state / 2**20, 2), "state_%KV@8K": round(100 * state / kv_bytes(8192), 2),
                "needle": n, "needle_where_teacher_succeeds": beyond(n),
-               "greedy_long": round(greedy_agreement(student, teacher, long_prompts, args.greedy_new), 3),
+               "greedy_long": generated_agreement(student),
                **ratios(student), "seconds": round(time.perf_counter() - t1, 1)}
         rows.append(row)
         log(f"{row['model']}: {row}")
-        eq_window = state // kv_bytes(1) - SINKS
+        if eq_window in reused:
+            rows.append({**reused[eq_window], "reused_from": args.baselines})
+            log(f"{rows[-1]['model']}: from {args.baselines}")
+            continue
         mask = streaming_mask(eq_window, SINKS)
         n = needle(teacher, mask)
         rows.append({"model": f"sinks + window {eq_window} (no training, equal state)", "window": eq_window, "slots": 0,
                      "state_MiB@8K": round(kv_bytes(eq_window + SINKS) / 2**20, 2),
                      "state_%KV@8K": round(100 * kv_bytes(eq_window + SINKS) / kv_bytes(8192), 2),
                      "needle": n, "needle_where_teacher_succeeds": beyond(n),
-                     "greedy_long": None, **ratios(teacher, mask)})
+                     "greedy_long": masked_greedy(mask), **ratios(teacher, mask)})
         log(f"{rows[-1]['model']}: {rows[-1]}")
-    cols = ["model", "state_MiB@8K", "state_%KV@8K", "needle_where_teacher_succeeds", "greedy_long",
-            *[f"ratio@{c}" for c in contexts]]
+    cols = ["model", "state_MiB@8K", "state_%KV@8K", "needle_where_teacher_succeeds",
+            *([] if args.needle_only else ["greedy_long", *[f"ratio@{c}" for c in contexts]])]
     print(format_table(cols, rows))
     result = {"student": str(student_dir), "trained_window": trained_window, "sinks": sinks, "block": args.block,
               "needle": {"context": 1024, "depths": depths, "trials_per_depth": args.needle_trials,
                          "teacher": teacher_needle},
               "greedy": {"prompts": len(long_prompts), "prompt_tokens": int(long_prompts[0].shape[0]),
                          "new_tokens": args.greedy_new},
-              "eval_windows": args.eval_windows, "rows": rows,
+              "eval_windows": args.eval_windows, "settings": settings, "rows": rows,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, fp32, eager PyTorch (both sides)",
               "minutes": round((time.perf_counter() - t0) / 60, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    plot(rows, out.with_suffix(".png"))
+    if not args.needle_only:
+        plot(rows, out.with_suffix(".png"))
     log(f"wrote {out}")
+
+
+def settings_of(result: dict) -> dict:
+    """The settings a result was measured with (read from its fields, so older files compare too)."""
+    return {"needle_trials": result["needle"]["trials_per_depth"], "greedy_prompts": result["greedy"]["prompts"],
+            "greedy_new": result["greedy"]["new_tokens"], "eval_windows": result["eval_windows"],
+            "contexts": sorted(int(k.split("@")[1]) for k in result["rows"][0] if k.startswith("ratio@")),
+            "needle_only": not any("greedy_long" in r for r in result["rows"])}
 
 
 def plot(rows: list[dict], path: Path) -> None:

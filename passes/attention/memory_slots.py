@@ -28,7 +28,9 @@ def set_memory(model: nn.Module, slots: int, block: int | None = None) -> int:
     ``block``: prefill tokens per memory update (default: keep each layer's). Returns the number of layers.
 
     Checks every layer before changing any: gated layers (their decayed contributions cannot be taken
-    out of the state) and bidirectional ones are refused with their names.
+    out of the state) and bidirectional ones are refused with their names. It changes the live model
+    only: a surgery saved with ``surgeon.save`` restores with the memory of its recipe
+    (``LinearizeAttention(memory=...)``), so call it again after ``surgeon.restore``.
     """
     for name, value, low in (("slots", slots, 0), ("block", 1 if block is None else block, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
