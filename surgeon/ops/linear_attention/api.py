@@ -67,8 +67,9 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feat
     """
     check_choice("form", form, CAUSAL_FORMS)
     capturing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    long_call = form == "chunked" and q.shape[2] > BLOCK_TOKENS and memory_state is None   # memory: see run_blocks
-    if long_call and not capturing:   # no shape guard when captured
+    # no shape guard when captured (`capturing` first: T > BLOCK_TOKENS on a symbolic T would bound the export);
+    # calls with memory slots come in blocks already (see streaming.run_blocks)
+    if form == "chunked" and not capturing and memory_state is None and q.shape[2] > BLOCK_TOKENS:
         return _in_blocks(q, k, v, feature_q, feature_k, scale=scale, window=window, window_weight=window_weight,
                           linear_weight=linear_weight, log_decay=log_decay, key_mask=key_mask, past_k=past_k,
                           past_v=past_v, state=state, sinks=sinks, sink_state=sink_state, chunk_size=chunk_size,
