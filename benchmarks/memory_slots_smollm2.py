@@ -149,6 +149,7 @@ def main() -> None:
                 "greedy_new": args.greedy_new, "eval_windows": args.eval_windows, "contexts": contexts,
                 "needle_only": args.needle_only}
     reused: dict[int, dict] = {}
+    computed: dict[int, dict] = {}
     if args.baselines:
         earlier = json.loads(Path(args.baselines).read_text())
         if settings_of(earlier) != settings:
@@ -183,9 +184,11 @@ def main() -> None:
                **ratios(student), "seconds": round(time.perf_counter() - t1, 1)}
         rows.append(row)
         log(f"{row['model']}: {row}")
-        if eq_window in reused:
-            rows.append({**reused[eq_window], "reused_from": args.baselines})
-            log(f"{rows[-1]['model']}: from {args.baselines}")
+        if eq_window in reused or eq_window in computed:
+            earlier_row, source = (reused[eq_window], args.baselines) if eq_window in reused else \
+                (computed[eq_window], "this run")
+            rows.append({**earlier_row, "reused_from": source})
+            log(f"{rows[-1]['model']}: reused from {source}")
             continue
         mask = streaming_mask(eq_window, SINKS)
         n = needle(teacher, mask)
@@ -194,6 +197,7 @@ def main() -> None:
                      "state_%KV@8K": round(100 * kv_bytes(eq_window + SINKS) / kv_bytes(8192), 2),
                      "needle": n, "needle_where_teacher_succeeds": beyond(n),
                      "greedy_long": masked_greedy(mask), **ratios(teacher, mask)})
+        computed[eq_window] = rows[-1]     # another configuration with the same state reuses it
         log(f"{rows[-1]['model']}: {rows[-1]}")
     cols = ["model", "state_MiB@8K", "state_%KV@8K", "needle_where_teacher_succeeds",
             *([] if args.needle_only else ["greedy_long", *[f"ratio@{c}" for c in contexts]])]

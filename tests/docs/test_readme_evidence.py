@@ -254,3 +254,61 @@ def test_retrieval_block_sentence_is_the_recorded_scan():
     check(s, {"zero": max(got[k] for k in ("0-9", "10-19", "20-29", "0-14")), "n": r["trials"], "late": got["15-29"],
               "mid": got["8-21"]})
     assert got["none"] == 0 and r["teacher_score"] == 1.0 and r["window"] == 256
+
+
+def _needle_hits(r: dict, scores: list[float]) -> tuple[int, int]:
+    """Trials retrieved / trials, at the depths where the teacher succeeds."""
+    n = r["needle"]["trials_per_depth"]
+    where = [i for i, s in enumerate(r["needle"]["teacher"]) if s >= 0.8]
+    return round(sum(scores[i] for i in where) * n), len(where) * n
+
+
+@pytest.mark.parametrize("name,label", [("memory_slots_smollm2_full.json", "full \\(LoRA\\)"),
+                                        ("memory_slots_smollm2_quick.json", "quick \\(linear branch\\)")])
+def test_memory_slot_table_is_the_recorded_runs(name, label):
+    r, full = result(name), result("memory_slots_smollm2_full.json")
+    assert r["sinks"] == 4 and r["needle"]["context"] == 1024 and r["greedy"]["prompt_tokens"] == 512
+    cells = (r" \| (?P<mib>[\d.]+) MiB \((?P<pct>[\d.]+) %\) \| (?P<hits>\d+)/(?P<n>\d+) \| (?P<greedy>[\d.]+) \| "
+             r"(?P<r1024>[\d.]+) \| (?P<r2048>[\d.]+) \|")
+    baselines = {row["window"]: row for row in full["rows"] if row["model"].startswith("sinks")}
+    for row in r["rows"]:
+        if row["model"].startswith("sinks"):   # teacher only: the quick file's equal the full file's (shown once)
+            same = baselines[row["window"]]
+            assert all(row[k] == same[k] for k in ("needle", "ratio@1024", "ratio@2048", "state_MiB@8K"))
+            row = same
+            what = f"sinks \\+ window {row['window']}, no training \\(equal state\\)"
+        else:
+            what = f"{label} student, window {row['window']} \\+ {row['slots']} slots"
+        hits, n = _needle_hits(r, row["needle"])
+        check(claim(r"\| " + what + cells), {
+            "mib": row["state_MiB@8K"], "pct": row["state_%KV@8K"], "hits": hits, "n": n, "greedy": row["greedy_long"],
+            "r1024": row["ratio@1024"], "r2048": row["ratio@2048"]})
+
+
+def test_memory_slot_needle_curve_is_the_recorded_run():
+    r = result("memory_slots_smollm2_needle.json")
+    got = {(row["window"], row["slots"]): _needle_hits(r, row["needle"])[0] for row in r["rows"]}
+    s = claim(r"at window 256, 64 slots retrieve it in (?P<s64>\d+) of 8 trials, 128 in (?P<s128>\d+) \((?P<pct128>[\d.]+) % "
+              r"of the KV cache; sinks \+ window at that state (?P<b128>\d+)\) and 256 in (?P<s256>\d+) "
+              r"\((?P<pct256>[\d.]+) %; sinks \+ window (?P<b256>\d+)\)")
+    pct = {(row["window"], row["slots"]): row["state_%KV@8K"] for row in r["rows"]}
+    check(s, {"s64": got[(256, 64)], "s128": got[(256, 128)], "s256": got[(256, 256)], "pct128": pct[(256, 128)],
+              "pct256": pct[(256, 256)], "b128": got[(431, 0)], "b256": got[(559, 0)]})
+
+
+def test_memory_slot_sentence_is_the_recorded_run():
+    r = result("memory_slots_smollm2_full.json")
+    rows = {(row["window"], row["slots"]): row for row in r["rows"]}
+    s = claim(r"the full student with window 256 \+ 64 slots is at (?P<r1024>[\d.]+) @1024 and (?P<r2048>[\d.]+) @2048 "
+              r"\(sinks \+ window 367: (?P<b1024>[\d.]+) and (?P<b2048>[\d.]+)\) with greedy agreement (?P<g>[\d.]+) "
+              r"\((?P<bg>[\d.]+)\), and with window 128 \+ 192 slots it also retrieves the needle in (?P<h>\d+) of 8 "
+              r"trials \(sinks \+ window: (?P<bh>\d+) of 8\)\. Window 64 \+ 256 slots retrieves it in (?P<h64>\d+) of 8")
+    ours, base = rows[(256, 64)], rows[(367, 0)]
+    check(s, {"r1024": ours["ratio@1024"], "r2048": ours["ratio@2048"], "b1024": base["ratio@1024"],
+              "b2048": base["ratio@2048"], "g": ours["greedy_long"], "bg": base["greedy_long"],
+              "h": _needle_hits(r, rows[(128, 192)]["needle"])[0], "bh": _needle_hits(r, base["needle"])[0],
+              "h64": _needle_hits(r, rows[(64, 256)]["needle"])[0]})
+    quick = {(row["window"], row["slots"]): row for row in result("memory_slots_smollm2_quick.json")["rows"]}
+    check(claim(r"retrieves it in \d+ of 8 \(the quick student: (?P<q64>\d+) of 8\)"),
+          {"q64": _needle_hits(r, quick[(64, 256)]["needle"])[0]})
+    assert ours["state_%KV@8K"] <= 5 and rows[(128, 192)]["state_%KV@8K"] <= 5
