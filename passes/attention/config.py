@@ -48,7 +48,7 @@ class LinearizeAttention(PassConfig):
             linear state recalls worst (LoLA's sparse cache: a passkey read once is blurred by the state,
             kept here it is recalled exactly); updated once per call, in the decode state (0 = none).
             Ungated linear attention only. Can be added to a converted, distilled model afterwards
-            (:func:`surgeon.passes.attention.set_memory`).
+            (:func:`surgeon.passes.attention.memory_slots.set_memory`).
         memory_block: prefill tokens per memory update (decoding updates at every token).
         linear_weight_init: initial per-head weight λ of the linear terms beside the softmax ones
             (learnable). The default, 1e-3, starts a hybrid at (almost exactly) sinks + window, which
@@ -103,6 +103,9 @@ class LinearizeAttention(PassConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < (name == "memory_block"):
                 raise ConfigError(f"LinearizeAttention.{name} must be an int >= {int(name == 'memory_block')}, "
                                   f"got {value!r}")
+        if self.memory and (self.local or self.causal is False):
+            raise ConfigError(f"LinearizeAttention(memory={self.memory}) keeps past tokens for later queries: it needs "
+                              "causal attention (decoding); bidirectional / local attention has no past, use memory=0")
         if self.memory and self.gate != "none":
             raise ConfigError(f"LinearizeAttention(memory={self.memory}) keeps tokens out of the linear state, which "
                               f"needs ungated attention; gate={self.gate!r} decays contributions that then cannot be "

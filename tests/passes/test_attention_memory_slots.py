@@ -62,9 +62,20 @@ def test_memory_with_room_for_every_token_is_the_original_model():
         assert (model(ids).logits - original(ids).logits).abs().max() > 1e-2
 
 
+def test_a_bf16_model_decodes_with_memory_slots():
+    model = surgeon.apply(tiny_llama().to(torch.bfloat16), LinearizeAttention(feature_map="hedgehog", window=4,
+                                                                              memory=3, memory_block=4)).model
+    ids = _ids(14, batch=1)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 19) and torch.isfinite(model(ids).logits.float()).all()
+
+
 def test_bad_requests_are_refused_and_the_model_is_untouched():
     with pytest.raises(ConfigError, match="needs ungated attention"):
         LinearizeAttention(gate="liger", memory=4).validate()
+    with pytest.raises(ConfigError, match="needs causal attention"):
+        LinearizeAttention(memory=4, local=True).validate()
     with pytest.raises(ConfigError, match="memory_block must be an int >= 1"):
         LinearizeAttention(memory=4, memory_block=0).validate()
     gated = surgeon.apply(tiny_llama(), LinearizeAttention(feature_map="elu1", window=4, gate="liger")).model

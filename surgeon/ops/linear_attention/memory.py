@@ -101,11 +101,12 @@ def update_memory(slots: int, window: int, memory_state: MemoryState | None, key
     if sinks > 0:
         filled = torch.zeros(B, dtype=torch.long, device=keys.device) if filled_sinks is None else filled_sinks
         valid = valid & ~sink_candidates(valid, filled.long(), sinks)[0]
-    k_new, v_new = keys[:, :, :max(left, 0)].to(dtype), values[:, :, :max(left, 0)].to(dtype)
+    k_new, v_new = keys[:, :, :max(left, 0)], values[:, :, :max(left, 0)].to(dtype)
     cand_ok = valid[:, None, :max(left, 0)].expand(B, Hkv, -1)
-    mk, mv = mk.to(dtype), mv.to(dtype)
     per_kv = state.reshape(B, Hkv, g, *state.shape[2:]).mean(2)          # identical per group without decay
-    f_new, f_mem = feature_k(k_new * root).to(dtype), feature_k(mk * root).to(dtype)
+    # features from the keys in their own dtype, as the fold computed them (what is taken out is what went in)
+    f_new, f_mem = feature_k(k_new * root).to(dtype), feature_k(mk.to(keys.dtype) * root).to(dtype)
+    mk, mv = mk.to(dtype), mv.to(dtype)
     err = torch.cat([recall_error(f_mem, mv, per_kv, own=True), recall_error(f_new, v_new, per_kv, own=False)], -1)
     err = err.masked_fill(~torch.cat([ok, cand_ok], -1), float("-inf"))
     keep = err.topk(slots, dim=-1).indices                                     # (B,Hkv,G)
@@ -113,7 +114,7 @@ def update_memory(slots: int, window: int, memory_state: MemoryState | None, key
     taken = (f_new * chosen[..., slots:, None]).transpose(-1, -2) @ with_ones(v_new)      # kept: out of the state
     dropped = (f_mem * (ok & ~chosen[..., :slots])[..., None]).transpose(-1, -2) @ with_ones(mv)   # folded in
     state = state + (dropped - taken).repeat_interleave(g, dim=1)
-    all_k, all_v = torch.cat([mk, k_new], 2), torch.cat([mv, v_new], 2)
+    all_k, all_v = torch.cat([mk, k_new.to(dtype)], 2), torch.cat([mv, v_new], 2)
     return (_pick(all_k, keep).to(keys.dtype), _pick(all_v, keep).to(values.dtype), chosen.gather(-1, keep)), state
 
 
