@@ -21,7 +21,7 @@ from surgeon.ops.linear_attention.inputs import FeatureFn, check_chunk, check_ch
 from surgeon.ops.linear_attention.memory import MemoryState
 from surgeon.ops.linear_attention.recurrent import causal_recurrent
 from surgeon.ops.linear_attention.reference import bidir_parallel, causal_parallel
-from surgeon.ops.linear_attention.sinks import SinkState, update_sinks
+from surgeon.ops.linear_attention.sinks import SinkState
 
 CAUSAL_FORMS = ("parallel", "chunked", "recurrent")
 # Eager chunked calls longer than this run as consecutive blocks carrying the cache exactly: every
@@ -87,28 +87,14 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feat
 
 
 def _in_blocks(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k: FeatureFn, *, past_k: Tensor | None,
-               past_v: Tensor | None, state: Tensor | None, key_mask: Tensor | None, log_decay: Tensor | None,
-               sink_state: SinkState | None, window: int, sinks: int, **kw) -> tuple[Tensor, Tensor]:
+               past_v: Tensor | None, state: Tensor | None, sink_state: SinkState | None, window: int, sinks: int,
+               **kw) -> tuple[Tensor, Tensor]:
     """A long chunked call as consecutive calls of BLOCK_TOKENS, each continuing the previous one's cache."""
-    T, P = q.shape[2], 0 if past_k is None else past_k.shape[2]
-    keep = max(window - 1, 0)
-    outs = []
-    for lo in range(0, T, BLOCK_TOKENS):
-        hi = min(lo + BLOCK_TOKENS, T)
-        seen = 0 if past_k is None else past_k.shape[2]
-        mask = None if key_mask is None else key_mask[:, P + lo - seen:P + hi]
-        out, state = linear_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], feature_q, feature_k,
-                                      window=window, past_k=past_k, past_v=past_v, state=state, key_mask=mask,
-                                      log_decay=None if log_decay is None else log_decay[:, :, lo:hi],
-                                      sinks=sinks, sink_state=sink_state, form="chunked", **kw)
-        outs.append(out)
-        seen_k = k[:, :, lo:hi] if past_k is None else torch.cat([past_k, k[:, :, lo:hi]], 2)
-        seen_v = v[:, :, lo:hi] if past_v is None else torch.cat([past_v, v[:, :, lo:hi]], 2)
-        if sinks:
-            sink_state = update_sinks(sinks, window, sink_state, seen_k, seen_v, mask)
-        past_k, past_v = (seen_k[:, :, seen_k.shape[2] - keep:], seen_v[:, :, seen_v.shape[2] - keep:]) if keep \
-            else (None, None)
-    return torch.cat(outs, 2), state
+    from surgeon.ops.linear_attention.streaming import Carry, run_blocks   # the block runner builds on this module
+
+    done = run_blocks(q, k, v, feature_q, feature_k, Carry(past_k, past_v, state, sink_state), window=window,
+                      sinks=sinks, memory=0, block=BLOCK_TOKENS, **kw)
+    return done.out, done.carry.state
 
 
 def bidirectional_linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k: FeatureFn, *,

@@ -11,8 +11,8 @@ normaliser shared with the window, the sinks and the linear branch. The state st
 ``memory`` tokens of keys/values per layer.
 
 The slots are updated once per call, so a prefill runs in blocks (``memory_block`` tokens, see
-:func:`run_in_blocks`); decoding one token per call updates them at every step. Ungated linear
-attention only (a decayed contribution cannot be taken out of the state exactly).
+:func:`~surgeon.ops.linear_attention.streaming.run_blocks`); decoding one token per call updates them at
+every step. Ungated linear attention only (a decayed contribution cannot be taken out of the state exactly).
 
 Example:
     >>> import torch

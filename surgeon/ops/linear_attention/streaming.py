@@ -1,4 +1,4 @@
-"""A causal call with memory slots, run as consecutive blocks that carry the whole cache.
+"""A causal call run as consecutive blocks that carry the whole cache (memory slots, long eager calls).
 
 Memory slots (:mod:`~surgeon.ops.linear_attention.memory`) change once per call, so a long prefill
 runs as blocks of ``block`` tokens: each block is one :func:`linear_attention` call that continues
@@ -55,11 +55,13 @@ def run_blocks(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k:
                **kw: Any) -> BlockResult:
     """Hybrid attention over q/k/v (B,·,T,·) in blocks of ``block`` tokens, carrying ``carry``; returns the
     output and the carry after the last token. ``key_mask`` (B, P + T) covers ``carry.past_k`` + the new tokens;
-    other keywords go to :func:`linear_attention` (``window_weight``, ``linear_weight``, ``chunk_size``…).
+    ``log_decay`` (new tokens only) is cut per block; other keywords go to :func:`linear_attention`
+    (``window_weight``, ``linear_weight``, ``chunk_size``…). Also runs long calls without memory (``memory=0``).
     """
     if not isinstance(block, int) or isinstance(block, bool) or block < 1:
         raise ConfigError(f"memory_block must be a positive int (tokens per memory update), got {block!r}")
-    if kw.get("log_decay") is not None:
+    log_decay = kw.pop("log_decay", None)
+    if memory and log_decay is not None:
         raise ConfigError("memory slots need ungated linear attention: use gate='none' with memory > 0")
     T = q.shape[2]
     keep = max(window - 1, 0)
@@ -72,13 +74,16 @@ def run_blocks(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k:
                                       scale=scale, window=window, key_mask=mask, past_k=carry.past_k,
                                       past_v=carry.past_v, state=carry.state, sinks=sinks,
                                       sink_state=carry.sink_state, memory_state=carry.memory_state,
+                                      log_decay=None if log_decay is None else log_decay[:, :, lo:hi],
                                       form="recurrent" if hi - lo == 1 else "chunked", **kw)
         outs.append(out)
         seen_k = k[:, :, lo:hi] if carry.past_k is None else torch.cat([carry.past_k, k[:, :, lo:hi]], 2)
         seen_v = v[:, :, lo:hi] if carry.past_v is None else torch.cat([carry.past_v, v[:, :, lo:hi]], 2)
-        filled = None if carry.sink_state is None else carry.sink_state[2].long().sum(-1)
-        memory_state, state = update_memory(memory, window, carry.memory_state, seen_k, seen_v, state, feature_k,
-                                            scale=scale, key_mask=mask, sinks=sinks, filled_sinks=filled)
+        memory_state = None
+        if memory:
+            filled = None if carry.sink_state is None else carry.sink_state[2].long().sum(-1)
+            memory_state, state = update_memory(memory, window, carry.memory_state, seen_k, seen_v, state,
+                                                feature_k, scale=scale, key_mask=mask, sinks=sinks, filled_sinks=filled)
         sink_state = update_sinks(sinks, window, carry.sink_state, seen_k, seen_v, mask) if sinks else None
         lo_keep = max(seen_k.shape[2] - keep, 0)
         carry = Carry(seen_k[:, :, lo_keep:] if keep else None, seen_v[:, :, lo_keep:] if keep else None,
