@@ -13,7 +13,10 @@ G). Every row gives its decode-state bytes at 8K (fp32, batch 1). Prints a table
 
 A configuration ``window:slots`` also runs the student at another window than it was trained with (the
 feature maps then cover the tokens between the two windows), to trade window tokens for memory slots at
-the same decode state.
+the same decode state. ``window:slots:r`` plans the slots per layer at the same total
+(:func:`~surgeon.distill.planning.plan_memory`): the layers holding retrieval heads, found on the teacher
+with passkey probes built from *training* text (:func:`~surgeon.distill.retrieval.retrieval_heads`), get
+up to ``--boost`` times the slots, taken evenly from the other layers.
 """
 from __future__ import annotations
 
@@ -34,7 +37,10 @@ from distill_smollm2 import SINKS, kv_bytes, nll, streaming_mask  # noqa: E402
 import surgeon  # noqa: E402
 from surgeon.core.errors import ConfigError  # noqa: E402
 from surgeon.core.report import format_table  # noqa: E402
+from surgeon.distill.data import pack, pydoc_texts  # noqa: E402
 from surgeon.distill.evaluate import exact_continuation, held_out_windows, make_niah_trials  # noqa: E402
+from surgeon.distill.planning import plan_memory  # noqa: E402
+from surgeon.distill.retrieval import retrieval_heads  # noqa: E402
 from surgeon.distill.transfer import linear_units  # noqa: E402
 from surgeon.export.stateful_lm import StateLayout  # noqa: E402
 from surgeon.models.smollm2 import load_smollm2  # noqa: E402
@@ -48,6 +54,13 @@ def main() -> None:
     ap.add_argument("--configs", default="256:0,256:64,64:256",
                     help="window:slots pairs to try (slots: memory slots per layer and kv head)")
     ap.add_argument("--block", type=int, default=64, help="prefill tokens per memory update")
+    ap.add_argument("--boost", type=float, default=2.5,
+                    help="window:slots:r configs: slots of the best retrieval layer, in units of the uniform count")
+    ap.add_argument("--threshold", type=float, default=0.5,
+                    help="window:slots:r configs: layers whose best head scores within this fraction of the best "
+                         "get more slots")
+    ap.add_argument("--calibration-trials", type=int, default=1,
+                    help="passkey probes per depth, on training text, that find the retrieval heads (':r' configs)")
     ap.add_argument("--needle-trials", type=int, default=2, help="trials per depth")
     ap.add_argument("--greedy-prompts", type=int, default=20)
     ap.add_argument("--greedy-new", type=int, default=12)
@@ -84,8 +97,8 @@ def main() -> None:
     depths = [0.1, 0.3, 0.5, 0.7]
     haystack = held_out_windows(tok, 1024, 4)
     trials = make_niah_trials(tok, haystack, 1024, depths, args.needle_trials, 0, teacher.config.vocab_size)
-    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
-    longest = max([trained_window] + [w for w, _ in configs])
+    configs = [parse_config(c) for c in args.configs.split(",")]
+    longest = max([trained_window] + [w for w, _, _ in configs])
     long_prompts = list(held_out_windows(tok, max(256, 2 * longest), args.greedy_prompts))
 
     @torch.no_grad()
@@ -155,18 +168,38 @@ def main() -> None:
         if settings_of(earlier) != settings:
             raise ConfigError(f"--baselines {args.baselines} was run with {settings_of(earlier)}, not {settings}")
         reused = {r["window"]: r for r in earlier["rows"] if r["model"].startswith("sinks")}
+    calibration: dict[str, object] = {}
+
+    def retrieval_scores() -> dict[int, float]:
+        """Each layer's best retrieval head (teacher attention mass on the passkey), on probes of training text."""
+        if not calibration:
+            hay = pack(pydoc_texts("train"), 1024, tok, what="calibration text")[:4]
+            probes = [t for per_depth in make_niah_trials(tok, hay, 1024, depths, args.calibration_trials, 11,
+                                                          teacher.config.vocab_size) for t in per_depth]
+            mass = retrieval_heads(teacher, probes)
+            calibration["layer_score"] = [round(float(x), 4) for x in mass.max(1).values]
+            calibration["heads"] = [[round(float(x), 3) for x in row] for row in mass]
+            top = sorted(range(len(mass)), key=lambda i: -calibration["layer_score"][i])[:6]
+            log("retrieval heads (teacher attention mass on the passkey, best head per layer): "
+                + ", ".join(f"layer {i}: {calibration['layer_score'][i]}" for i in top))
+        return dict(enumerate(calibration["layer_score"]))
+
     rows = []
-    for window, slots in tqdm(configs, desc="window:slots"):
+    for window, slots, planned in tqdm(configs, desc="window:slots"):
         set_memory(student, 0)
         for _, unit in units:
             unit.window = window
         state = StateLayout.of(student).state_bytes(batch=1) + slots * per_slot
-        set_memory(student, slots, block=args.block)
+        per_layer = plan_memory(retrieval_scores(), slots, args.boost, args.threshold) if planned else slots
+        set_memory(student, per_layer, block=args.block)
+        name = f"distilled hybrid, window {window} + {slots} memory slots" + (
+            f" (per layer toward retrieval heads, ×{args.boost:g} at most)" if planned else "")
+        plan = {"slots_per_layer": per_layer} if planned else {}
         t1 = time.perf_counter()
         n = needle(student)
         eq_window = state // kv_bytes(1) - SINKS
         if args.needle_only:
-            rows.append({"model": f"distilled hybrid, window {window} + {slots} memory slots", "window": window,
+            rows.append({"model": name, "window": window, **plan,
                          "slots": slots, "state_MiB@8K": round(state / 2**20, 2),
                          "state_%KV@8K": round(100 * state / kv_bytes(8192), 2), "needle": n,
                          "needle_where_teacher_succeeds": beyond(n)})
@@ -177,7 +210,7 @@ def main() -> None:
                          "needle_where_teacher_succeeds": beyond(n)})
             log(f"{rows[-2]['model']}: needle {rows[-2]['needle']}; {rows[-1]['model']}: needle {n}")
             continue
-        row = {"model": f"distilled hybrid, window {window} + {slots} memory slots", "window": window, "slots": slots,
+        row = {"model": name, "window": window, "slots": slots, **plan,
                "state_MiB@8K": round(state / 2**20, 2), "state_%KV@8K": round(100 * state / kv_bytes(8192), 2),
                "needle": n, "needle_where_teacher_succeeds": beyond(n),
                "greedy_long": generated_agreement(student),
@@ -203,6 +236,10 @@ def main() -> None:
             *([] if args.needle_only else ["greedy_long", *[f"ratio@{c}" for c in contexts]])]
     print(format_table(cols, rows))
     result = {"student": str(student_dir), "trained_window": trained_window, "sinks": sinks, "block": args.block,
+              "retrieval_calibration": {"boost": args.boost, "threshold": args.threshold,
+                                        "trials_per_depth": args.calibration_trials, "context": 1024,
+                                        "text": "pydoc train split (not the held-out haystack), other passkeys",
+                                        **calibration},
               "needle": {"context": 1024, "depths": depths, "trials_per_depth": args.needle_trials,
                          "teacher": teacher_needle},
               "greedy": {"prompts": len(long_prompts), "prompt_tokens": int(long_prompts[0].shape[0]),
@@ -218,6 +255,14 @@ def main() -> None:
     log(f"wrote {out}")
 
 
+def parse_config(spec: str) -> tuple[int, int, bool]:
+    """``window:slots`` or ``window:slots:r`` (slots planned per layer toward the retrieval layers)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "r") or not all(p.isdigit() for p in parts[:2]):
+        raise ConfigError(f"--configs: {spec!r} is not window:slots or window:slots:r (e.g. 128:192:r)")
+    return int(parts[0]), int(parts[1]), len(parts) == 3
+
+
 def settings_of(result: dict) -> dict:
     """The settings a result was measured with (read from its fields, so older files compare too)."""
     return {"needle_trials": result["needle"]["trials_per_depth"], "greedy_prompts": result["greedy"]["prompts"],
@@ -231,9 +276,14 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker, label in (("distilled", "o", "distilled hybrid + memory slots"),
-                                ("sinks", "s", "sinks + window, no training")):
-        sel = sorted((r for r in rows if r["model"].startswith(kind)), key=lambda r: r["state_MiB@8K"])
+    series = (("o", "distilled hybrid + memory slots", lambda r: r["model"].startswith("distilled") and
+               "slots_per_layer" not in r),
+              ("^", "… slots planned toward retrieval layers", lambda r: "slots_per_layer" in r),
+              ("s", "sinks + window, no training", lambda r: r["model"].startswith("sinks")))
+    for marker, label, belongs in series:
+        sel = sorted((r for r in rows if belongs(r)), key=lambda r: r["state_MiB@8K"])
+        if not sel:
+            continue
         xs = [r["state_MiB@8K"] for r in sel]
         ax[0].plot(xs, [r["needle_where_teacher_succeeds"] for r in sel], marker=marker, label=label)
         ax[1].plot(xs, [r["ratio@1024"] for r in sel], marker=marker, label=label)

@@ -144,6 +144,54 @@ def retrieval_scores(model: nn.Module, trials: list[tuple[torch.Tensor, int]], w
     return scores
 
 
+def plan_memory(retrieval: dict[int, float], slots: int, boost: float = 2.5, threshold: float = 0.5) -> list[int]:
+    """Memory slots per linearized layer (in layer order) holding the state of ``slots`` in every layer, with
+    more where recall is made: the retrieval layers.
+
+    ``retrieval[layer]``: how much a layer does for recall beyond the window, either
+    :func:`~surgeon.distill.retrieval.retrieval_heads`' attention mass (its best head) or
+    :func:`measure_retrieval`'s recall with the layer alone exact (its ``-1`` entry, none exact, is then
+    subtracted). Layers within ``threshold`` of the best are retrieval layers: the best gets ``boost × slots``,
+    the others in proportion to their score, and the slots they add are taken evenly from the remaining
+    layers, so the total (the decode-state bytes) stays ``slots ×`` layers. No retrieval layer: ``slots``
+    everywhere.
+
+    Example:
+        >>> plan_memory({0: 0.1, 1: 0.8, 2: 0.6, 3: 0.2}, slots=8, boost=2.0)
+        [1, 16, 14, 1]
+    """
+    layers = sorted(k for k in retrieval if k >= 0)
+    if not layers:
+        raise ConfigError("plan_memory: no layer in the retrieval scores; pass retrieval_heads' or "
+                          "measure_retrieval's result")
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+        raise ConfigError(f"plan_memory: slots must be an int >= 0, got {slots!r}")
+    if not boost >= 1.0:
+        raise ConfigError(f"plan_memory: boost must be >= 1 (how many times the uniform slots the best retrieval "
+                          f"layer gets), got {boost!r}")
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"plan_memory: threshold must be in (0, 1] (a fraction of the best layer's score), "
+                          f"got {threshold!r}")
+    gain = {layer: max(float(retrieval[layer]) - float(retrieval.get(-1, 0.0)), 0.0) for layer in layers}
+    best = max(gain.values())
+    alloc = {layer: slots for layer in layers}
+    chosen = [layer for layer in layers if best > 0 and gain[layer] >= threshold * best]
+    donors = [layer for layer in layers if layer not in chosen]
+    if not chosen or not donors or slots == 0:
+        return [alloc[layer] for layer in layers]
+    for layer in chosen:
+        alloc[layer] = int(round(slots * (1 + (boost - 1) * gain[layer] / best)))
+    extra = sum(alloc.values()) - slots * len(layers)
+    if extra > slots * len(donors):
+        raise ConfigError(f"plan_memory: the {len(chosen)} retrieval layers would take {extra} slots more than the "
+                          f"other {len(donors)} layers hold ({slots} each); lower boost (now {boost}) or raise "
+                          f"threshold (now {threshold})")
+    each, rest = divmod(extra, len(donors))
+    for i, layer in enumerate(donors):
+        alloc[layer] -= each + (1 if i < rest else 0)
+    return [alloc[layer] for layer in layers]
+
+
 def state_bytes_fn(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, features: int, sinks: int,
                    context: int, dtype_bytes: int = 4, memory: int = 0) -> StateFn:
     """Decode-state bytes of a hybrid configuration at ``context`` tokens (batch 1), for :func:`plan_hybrid`.
@@ -175,4 +223,5 @@ def pareto(options: list[HybridOption]) -> list[HybridOption]:
     return front
 
 
-__all__ = ["HybridOption", "plan_hybrid", "pareto", "measure_errors", "measure_retrieval", "retrieval_scores", "state_bytes_fn"]
+__all__ = ["HybridOption", "plan_hybrid", "pareto", "measure_errors", "measure_retrieval", "retrieval_scores", "plan_memory",
+           "state_bytes_fn"]

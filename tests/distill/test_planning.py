@@ -88,3 +88,29 @@ def test_retrieval_scores_of_layer_sets_and_bad_layers():
     assert scores[(0, 1, 2)] == 1.0                 # every layer softmax again: the original, which answers exactly
     with pytest.raises(ConfigError, match=r"layers \[7\] are not linearized"):
         retrieval_scores(model, trials, window=4, sets=[(7,)], progress=False, **kw)
+
+
+def test_plan_memory_moves_slots_to_retrieval_layers_at_equal_state():
+    """The layer that restores recall most gets boost × slots, a weaker one in proportion, the others give
+    the difference evenly: the total (the decode state) is unchanged; no gain leaves every layer uniform."""
+    from surgeon.distill.planning import plan_memory
+
+    scores = {-1: 0.25, 0: 0.25, 1: 0.75, 2: 0.5, 3: 0.0, 4: 0.25}
+    alloc = plan_memory(scores, slots=64, boost=2.0)
+    assert alloc == [32, 128, 96, 32, 32] and sum(alloc) == 5 * 64
+    odd = plan_memory(scores, slots=63, boost=1.5)
+    assert sum(odd) == 5 * 63 and odd[1] == round(63 * 1.5) and max(odd[i] for i in (0, 3, 4)) - min(
+        odd[i] for i in (0, 3, 4)) <= 1
+    assert plan_memory({-1: 0.5, 0: 0.5, 1: 0.25}, slots=16) == [16, 16]
+    with pytest.raises(ConfigError, match="lower boost"):
+        plan_memory(scores, slots=64, boost=4.0)
+    with pytest.raises(ConfigError, match="boost must be >= 1"):
+        plan_memory(scores, slots=64, boost=0.5)
+    with pytest.raises(ConfigError, match="no layer in the retrieval scores"):
+        plan_memory({-1: 0.0}, slots=8)
+    # attention-mass scores (no -1 entry): only layers within `threshold` of the best count
+    mass = {0: 0.1, 1: 0.8, 2: 0.6, 3: 0.2}
+    assert plan_memory(mass, slots=8, boost=2.0) == [1, 16, 14, 1]
+    assert plan_memory(mass, slots=8, boost=2.0, threshold=0.9) == [5, 16, 5, 6]
+    with pytest.raises(ConfigError, match=r"threshold must be in \(0, 1\]"):
+        plan_memory(mass, slots=8, threshold=0.0)

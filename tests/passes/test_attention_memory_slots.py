@@ -62,6 +62,25 @@ def test_memory_with_room_for_every_token_is_the_original_model():
         assert (model(ids).logits - original(ids).logits).abs().max() > 1e-2
 
 
+def test_slots_per_layer_act_per_layer():
+    """[room for every token, 0]: layer 0 is exact softmax, layer 1 the hybrid, as if only layer 1 were
+    linearized; a list of the wrong length is refused and changes nothing."""
+    original = tiny_llama()
+    kw = dict(feature_map="elu1", window=3, sinks=0, memory_block=1, linear_weight_init=0.5)
+    model = surgeon.apply(original, LinearizeAttention(**kw)).model
+    only_second = surgeon.apply(original, LinearizeAttention(layers=[1], **kw)).model
+    ids = _ids(30)
+    assert set_memory(model, [64, 0]) == 2
+    with torch.no_grad():
+        assert (model(ids).logits - only_second(ids).logits).abs().max() <= 1e-4
+        assert (model(ids).logits - original(ids).logits).abs().max() > 1e-2
+    with pytest.raises(ConfigError, match="got 3 slot counts for 2 linearized attention layers"):
+        set_memory(model, [1, 2, 3])
+    with pytest.raises(ConfigError, match="slots must be an int >= 0, got -1"):
+        set_memory(model, [4, -1])
+    assert [m.memory for m in model.modules() if hasattr(m, "memory")] == [64, 0]
+
+
 def test_a_bf16_model_decodes_with_memory_slots():
     model = surgeon.apply(tiny_llama().to(torch.bfloat16), LinearizeAttention(feature_map="hedgehog", window=4,
                                                                               memory=3, memory_block=4)).model
