@@ -44,13 +44,15 @@ from surgeon.distill.retrieval import retrieval_heads  # noqa: E402
 from surgeon.distill.transfer import linear_units  # noqa: E402
 from surgeon.export.stateful_lm import StateLayout  # noqa: E402
 from surgeon.models.smollm2 import load_smollm2  # noqa: E402
+from surgeon.passes import LinearizeAttention  # noqa: E402
 from surgeon.passes.attention.memory_slots import set_memory  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", default="out/bench_distill/quick/student",
-                    help="a distilled model saved by benchmarks/distill_smollm2.py (surgeon.save folder)")
+                    help="a distilled model saved by benchmarks/distill_smollm2.py (surgeon.save folder), or "
+                         "'untrained': SmolLM2 converted with no training (window 256 + 4 sinks, linear branch at 1e-6)")
     ap.add_argument("--configs", default="256:0,256:64,64:256",
                     help="window:slots pairs to try (slots: memory slots per layer and kv head)")
     ap.add_argument("--block", type=int, default=64, help="prefill tokens per memory update")
@@ -74,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     student_dir = Path(args.student)
-    if not (student_dir / "recipe.json").is_file():
+    if args.student != "untrained" and not (student_dir / "recipe.json").is_file():
         raise ConfigError(f"no saved student at {student_dir}: run `python benchmarks/distill_smollm2.py --quick` "
                           "first (it saves the distilled model there), or pass --student DIR")
     t0 = time.perf_counter()
@@ -85,7 +87,12 @@ def main() -> None:
     teacher, tok = load_smollm2()
     teacher.eval()
     base, _ = load_smollm2()
-    student = surgeon.restore(base, student_dir).eval()
+    if args.student == "untrained":      # sinks + window 256 + a linear branch at λ ≈ 0: what slots do with no training
+        student = surgeon.apply(base, LinearizeAttention(feature_map="hedgehog", feature_dim=16, window=256,
+                                                         sinks=SINKS, linear_weight_init=1e-6)).model.eval()
+    else:
+        student = surgeon.restore(base, student_dir).eval()
+    kind = "untrained" if args.student == "untrained" else "distilled"
     units = linear_units(student)
     trained_window, sinks = units[0][1].window, units[0][1].sinks
     per_slot = kv_bytes(1) * len(units) // 30          # one more key/value per linearized layer
@@ -192,7 +199,7 @@ def main() -> None:
         state = StateLayout.of(student).state_bytes(batch=1) + slots * per_slot
         per_layer = plan_memory(retrieval_scores(), slots, args.boost, args.threshold) if planned else slots
         set_memory(student, per_layer, block=args.block)
-        name = f"distilled hybrid, window {window} + {slots} memory slots" + (
+        name = f"{kind} hybrid, window {window} + {slots} memory slots" + (
             f" (per layer toward retrieval heads, ×{args.boost:g} at most)" if planned else "")
         plan = {"slots_per_layer": per_layer} if planned else {}
         t1 = time.perf_counter()
@@ -276,7 +283,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    series = (("o", "distilled hybrid + memory slots", lambda r: r["model"].startswith("distilled") and
+    series = (("o", "hybrid + memory slots", lambda r: not r["model"].startswith("sinks") and
                "slots_per_layer" not in r),
               ("^", "… slots planned toward retrieval layers", lambda r: "slots_per_layer" in r),
               ("s", "sinks + window, no training", lambda r: r["model"].startswith("sinks")))
