@@ -312,3 +312,31 @@ def test_memory_slot_sentence_is_the_recorded_run():
     check(claim(r"retrieves it in \d+ of 8 \(the quick student: (?P<q64>\d+) of 8\)"),
           {"q64": _needle_hits(r, quick[(64, 256)]["needle"])[0]})
     assert ours["state_%KV@8K"] <= 5 and rows[(128, 192)]["state_%KV@8K"] <= 5
+
+
+def test_planned_memory_sentences_are_the_recorded_run():
+    r = result("memory_slots_smollm2_untrained.json")
+    cal = r["retrieval_calibration"]
+    score = cal["layer_score"]
+    top = sorted(range(len(score)), key=lambda i: -score[i])
+    s = claim(r"put up to (?P<s0>[\d.]+) of their attention on its source in one head of layer (?P<l0>\d+), (?P<s1>[\d.]+) "
+              r"in layer (?P<l1>\d+), (?P<s2>[\d.]+) in layer (?P<l2>\d+) and (?P<s3>[\d.]+) in layer (?P<l3>\d+) "
+              r"\(`retrieval_heads`\); (?P<k>\d+) of the 30 layers score within half of the best\. `plan_memory` gives "
+              r"those layers up to (?P<boost>[\d.]+) times the slots and takes the difference evenly from the other (?P<rest>\d+)")
+    chosen = [i for i in range(30) if score[i] >= cal["threshold"] * max(score)]
+    check(s, {**{f"s{j}": score[top[j]] for j in range(4)}, **{f"l{j}": top[j] for j in range(4)}, "k": len(chosen),
+              "boost": cal["boost"], "rest": 30 - len(chosen)})
+    rows = {(row["window"], row["slots"], "slots_per_layer" in row): row for row in r["rows"]}
+    for row in r["rows"]:          # planned: the same total as uniform, more in exactly the chosen layers
+        if "slots_per_layer" in row:
+            per = row["slots_per_layer"]
+            assert sum(per) == 30 * row["slots"] and {i for i in range(30) if per[i] > row["slots"]} == set(chosen)
+    hits = {k: _needle_hits(r, row["needle"])[0] for k, row in rows.items()}
+    s = claim(r"planned slots retrieve the needle in (?P<p128>\d+) of 8 trials at window 128 \+ 192 slots where uniform "
+              r"slots retrieve (?P<u128>\d+) \((?P<pct>[\d.]+) % of the KV cache; sinks \+ window at that state "
+              r"(?P<b>\d+)\), (?P<p256>\d+) of 8 at window 256 \+ 128 where uniform retrieve (?P<u256>\d+) "
+              r"\((?P<pct256>[\d.]+) %\), and (?P<p64>\d+) of 8 at window 256 \+ 64 where uniform retrieve (?P<u64>\d+)")
+    check(s, {"p128": hits[(128, 192, True)], "u128": hits[(128, 192, False)], "pct": rows[(128, 192, True)]["state_%KV@8K"],
+              "b": hits[(367, 0, False)], "p256": hits[(256, 128, True)], "u256": hits[(256, 128, False)],
+              "pct256": rows[(256, 128, True)]["state_%KV@8K"], "p64": hits[(256, 64, True)], "u64": hits[(256, 64, False)]})
+    assert r["student"] == "untrained" and r["needle"]["teacher"] == [1.0] * 4
