@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from surgeon.core.errors import ConfigError
 from surgeon.distill.retrieval import answer_source, retrieval_heads
-
-
-def _tiny_llama(layers: int = 2) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+from tests.distill.test_planning import tiny_llama
 
 
 def test_uniform_attention_gives_the_closed_form_mass():
     """q_proj = 0: every query attends uniformly to its t + 1 positions, so the query at start − 1 + j puts
     n / (start + j) on an n-token source; the mass is that, averaged over the n answer tokens."""
-    model = _tiny_llama()
+    model = tiny_llama(layers=2)
     for layer in model.model.layers:
         torch.nn.init.zeros_(layer.self_attn.q_proj.weight)
     ids = torch.tensor([9, 3, 11, 12, 13, 4, 5, 6, 7, 8, 2, 3, 11, 12, 13])   # answer [11, 12, 13] at 2..4
@@ -33,7 +26,7 @@ def test_uniform_attention_gives_the_closed_form_mass():
 
 
 def test_the_attention_implementation_is_set_back_and_a_trained_head_differs():
-    model = _tiny_llama()
+    model = tiny_llama(layers=2)
     model.set_attn_implementation("sdpa")
     ids = torch.tensor([1, 20, 21, 5, 6, 7, 8, 9, 20, 21])
     mass = retrieval_heads(model, [(ids, 8)])
@@ -42,7 +35,7 @@ def test_the_attention_implementation_is_set_back_and_a_trained_head_differs():
 
 
 def test_bad_probes_are_refused():
-    model = _tiny_llama()
+    model = tiny_llama(layers=2)
     with pytest.raises(ConfigError, match=r"the answer \[30, 31\] does not occur in its prompt \(6 tokens\)"):
         retrieval_heads(model, [(torch.tensor([1, 2, 3, 4, 5, 6, 30, 31]), 6)])
     with pytest.raises(ConfigError, match="no probes"):
