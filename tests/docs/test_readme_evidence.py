@@ -340,3 +340,20 @@ def test_planned_memory_sentences_are_the_recorded_run():
               "b": hits[(367, 0, False)], "p256": hits[(256, 128, True)], "u256": hits[(256, 128, False)],
               "pct256": rows[(256, 128, True)]["state_%KV@8K"], "p64": hits[(256, 64, True)], "u64": hits[(256, 64, False)]})
     assert r["student"] == "untrained" and r["needle"]["teacher"] == [1.0] * 4
+
+
+def test_full_default_recipe_sentence_is_the_recorded_run():
+    r = result("distill_smollm2.json")
+    after = [row for row in r["rows"] if row["model"].endswith("after stage 2")][0]
+    base = r["equal_state_baselines"][0]
+    s = claim(r"ends at (?P<r1024>[\d.]+) @1024 and (?P<r2048>[\d.]+) @2048 after (?P<m1>[\d.]+) min of stage 1 and "
+              r"(?P<m2>[\d.]+) min of stage 2 \((?P<tok>\d+) K tokens at (?P<tps>\d+) tokens/s\): below sinks \+ window "
+              r"(?P<w>\d+) at equal state \((?P<b1024>[\d.]+) and (?P<b2048>[\d.]+)\)")
+    check(s, {"r1024": after["ratio@1024"], "r2048": after["ratio@2048"], "m1": r["stage1"]["minutes"],
+              "m2": r["stage2"]["minutes"], "tok": r["stage2"]["tokens"] / 1000, "tps": r["stage2"]["tokens_per_s"],
+              "w": base["equal_state_window"], "b1024": base["ratio@1024"], "b2048": base["ratio@2048"]})
+    s = claim(r"stay exact \(top-1 (?P<short>[\d.]+)\); top-1 agreement @1024 is (?P<top1>[\d.]+), greedy agreement on "
+              r"(?P<n>\d+) long prompts (?P<greedy>[\d.]+) and the needle is retrieved in (?P<hits>\d+) of 4 depths")
+    check(s, {"short": r["short_prompt_agreement"]["top1"], "top1": r["agreement_1024"]["top1"],
+              "n": 24, "greedy": r["greedy_agreement_long_prompts"], "hits": sum(r["niah"]["student"])})
+    assert r["mode"] == "full" and after["ratio@1024"] <= 1.15 and after["ratio@1024"] < base["ratio@1024"]
