@@ -357,3 +357,33 @@ def test_full_default_recipe_sentence_is_the_recorded_run():
     check(s, {"short": r["short_prompt_agreement"]["top1"], "top1": r["agreement_1024"]["top1"],
               "n": 24, "greedy": r["greedy_agreement_long_prompts"], "hits": sum(r["niah"]["student"])})
     assert r["mode"] == "full" and after["ratio@1024"] <= 1.15 and after["ratio@1024"] < base["ratio@1024"]
+
+
+def test_planned_memory_table_on_the_full_student_is_the_recorded_run():
+    r, full = result("memory_slots_smollm2_planned.json"), result("memory_slots_smollm2_full.json")
+    assert settings_of_run(r) == settings_of_run(full) and r["student"].endswith("full/student")
+    cells = (r" \| (?P<mib>[\d.]+) MiB \((?P<pct>[\d.]+) %\) \| (?P<hits>\d+)/(?P<n>\d+) \| (?P<greedy>[\d.]+) \| "
+             r"(?P<r1024>[\d.]+) \| (?P<r2048>[\d.]+) \|")
+    rows = {}
+    for row in r["rows"]:
+        if row["model"].startswith("sinks"):
+            continue
+        planned = "slots_per_layer" in row
+        rows[(row["window"], row["slots"], planned)] = row
+        what = f"full \\(linear branch\\) student, window {row['window']} \\+ {row['slots']} slots" + (", planned" if planned else "")
+        hits, n = _needle_hits(r, row["needle"])
+        check(claim(r"\| " + what + cells), {
+            "mib": row["state_MiB@8K"], "pct": row["state_%KV@8K"], "hits": hits, "n": n, "greedy": row["greedy_long"],
+            "r1024": row["ratio@1024"], "r2048": row["ratio@2048"]})
+    best, base = rows[(128, 192, True)], [row for row in r["rows"] if row["model"].startswith("sinks")][0]
+    s = claim(r"perplexity target \((?P<r>[\d.]+) @1024, below sinks \+ window's (?P<b>[\d.]+)\) and greedy target "
+              r"\((?P<g>[\d.]+) ≥ 0.60\) and retrieves the needle beyond the window in (?P<h>\d+) of 8 trials \(sinks \+ "
+              r"window at the same state: (?P<bh>\d+), uniform slots: (?P<uh>\d+)\)")
+    check(s, {"r": best["ratio@1024"], "b": base["ratio@1024"], "g": best["greedy_long"],
+              "h": _needle_hits(r, best["needle"])[0], "bh": _needle_hits(r, base["needle"])[0],
+              "uh": _needle_hits(r, rows[(128, 192, False)]["needle"])[0]})
+    assert best["state_%KV@8K"] <= 5 and best["ratio@1024"] <= 1.15 and best["greedy_long"] >= 0.6
+
+
+def settings_of_run(r: dict) -> tuple:
+    return (r["needle"]["trials_per_depth"], r["greedy"]["prompts"], r["greedy"]["new_tokens"], r["eval_windows"])
