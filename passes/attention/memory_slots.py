@@ -62,7 +62,7 @@ def set_memory(model: nn.Module, slots: int | Sequence[int], block: int | None =
     return len(units)
 
 
-def _per_layer(slots: int | Sequence[int], n_layers: int) -> list:
+def _per_layer(slots: int | Sequence[int], n_layers: int) -> list[int]:
     """One slot count per linearized layer (an int is repeated; a sequence must have one per layer)."""
     if isinstance(slots, Sequence) and not isinstance(slots, str):
         if len(slots) != n_layers:
