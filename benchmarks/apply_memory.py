@@ -103,6 +103,7 @@ def main() -> None:
         print(f"{r['params'] / 1e9:.2f} B params ({r['model_gib']:.2f} GiB), {r['snapshot']:>7}: apply {r['apply_s']:.2f} s, "
               f"peak {r['peak_rss_gib']:.2f} GiB = {r['peak_over_model']:.3f}x model, +{r['extra_gib']:.3f} GiB in apply",
               flush=True)
+    from surgeon.core.provenance import provenance
     from surgeon.core.report import format_table
 
     table = [{"params (B)": round(r["params"] / 1e9, 3), "model (GiB)": round(r["model_gib"], 2),
@@ -112,7 +113,10 @@ def main() -> None:
     print(format_table(list(table[0]), table))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "apply_memory.json").write_text(json.dumps({"rows": rows, "targets": {"apply_s": 10.0, "peak_over_model": 1.15}},
+    (out_dir / "apply_memory.json").write_text(json.dumps({"rows": rows, "targets": {"apply_s": 10.0, "peak_over_model": 1.15},
+                                                           "provenance": provenance(counts={
+                                                               "layer_settings": args.layers, "full_layers": args.full_layers,
+                                                               "rows": len(rows), "repeats": 1})},
                                                           indent=2))
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from surgeon.ops.feature_maps import make_feature_map
 from surgeon.ops.linear_attention import linear_attention
 from surgeon.core.report import Report
+from surgeon.core.provenance import provenance
 
 H, HKV, D = 9, 3, 64
 CHUNKS = (64, 128, 256)
@@ -200,7 +201,9 @@ def main() -> None:
     (out / f"{args.name}.json").write_text(json.dumps(
         {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops": peak,
          "forms": args.forms, "same_size_matmul_gflops": {str(n): g for n, g in sorted(_SAME_SIZE.items())},
-         "linear_time": growth, "rows": rows}, indent=2))
+         "linear_time": growth, "rows": rows,
+         "provenance": provenance(counts={"lengths": args.lengths, "forms": args.forms, "rows": len(rows),
+                                          "linear_time_settings": len(growth)})}, indent=2))
     plot(rows, out / f"{args.name}.png")
     print(f"\nwrote {out / f'{args.name}.json'} and {out / f'{args.name}.png'}")
 

@@ -44,6 +44,7 @@ from surgeon.export.stateful_lm import DecodeLM, PrefillLM
 from surgeon.models.smollm2 import load_smollm2
 from surgeon.passes import LinearizeAttention
 from surgeon.core.report import Report
+from surgeon.core.provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -279,6 +280,9 @@ def main() -> None:
                   f"inductor compile_threads=1, cache dir {os.environ['TORCHINDUCTOR_CACHE_DIR']} "
                   "(fresh per run unless TORCHINDUCTOR_CACHE_DIR is set: cold compile times)",
                   "lengths above 4096 are timed once; decode is the median over the steps"],
+        "provenance": provenance(counts={"lengths": args.lengths, "contexts": args.contexts or args.lengths,
+                                         "decode_steps": args.steps, "prefill_repeats": args.repeats,
+                                         "quick": args.quick}),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     _plot(rows, decode, Path(args.out).with_suffix(".png"))

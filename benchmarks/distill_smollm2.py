@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import surgeon
 from surgeon.core.report import format_table
+from surgeon.core.provenance import provenance
 from surgeon.distill.config import STAGE2_RECIPES, stage2_fields
 from surgeon.distill.data import chat_prompts, chat_texts, pack, pydoc_texts
 from surgeon.distill.evaluate import exact_continuation, held_out_windows, make_niah_trials
@@ -311,6 +312,12 @@ def main() -> None:
         "equal_state_baselines": equal_state,
         "targets": {"quick_ratio_1024": 1.30, "full_ratio_1024": 1.15, "greedy_long": 0.60, "short_agreement": 0.99},
         "minutes_total": round((time.perf_counter() - t0) / 60, 1),
+        "provenance": provenance(counts={
+            "eval_windows_per_context": preset["eval_windows"], "contexts": list(contexts),
+            "greedy_prompts": len(long_prompts), "greedy_new_tokens": preset["greedy_new"],
+            "short_prompts": preset["short_prompts"], "needle_depths": len(depths),
+            "needle_trials_per_depth": preset["niah_trials"], "lm_eval_docs": preset["lm_eval_docs"],
+            "stage2_tokens": r2.tokens.get("lora"), "chat_answers": len(chat)}),
     }
     stem = f"distill_smollm2{'_quick' if args.quick else ''}{'_lora' if args.stage2 == 'lora' else ''}{args.tag}"
     path = out / f"{stem}.json"

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import surgeon
+from surgeon.core.provenance import provenance
 from surgeon.distill.evaluate import held_out_windows
 from surgeon.models.smollm2 import load_smollm2
 from surgeon.passes import LinearizeAttention
@@ -53,7 +54,9 @@ def main() -> None:
     out = Path("benchmarks/results/hybrid_init_smollm2.json")
     out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "context": 1024, "windows": 4, "window": 64,
                                "feature_map": "hedgehog", "teacher_perplexity": round(teacher_ppl, 3),
-                               "runtime": "torch eager, fp32, 2 threads", "rows": rows}, indent=2))
+                               "runtime": "torch eager, fp32, 2 threads", "rows": rows,
+                               "provenance": provenance(counts={"windows": 4, "context": 1024,
+                                                                "settings": len(SETTINGS)})}, indent=2))
 
 
 if __name__ == "__main__":

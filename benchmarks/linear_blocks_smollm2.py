@@ -23,6 +23,7 @@ import surgeon
 from surgeon.passes import ReplaceLinearBlocks, block_linearity
 from surgeon.passes.linear_blocks.handler import SkippedBlock, plot_linearity
 from surgeon.core.report import format_table
+from surgeon.core.provenance import provenance
 from surgeon.data.text import perplexity, token_chunks
 
 OUT = Path(__file__).parent / "results"
@@ -74,7 +75,10 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"model": "SmolLM2-135M-Instruct", "base_ppl": base_ppl, "linearity": lin.to_dict(), "rows": rows,
               "calibration_tokens": args.calib_chunks * args.calib_len, "eval_tokens": args.eval_chunks * args.eval_len,
-              "seconds": time.time() - t0, "threads": args.threads}
+              "seconds": time.time() - t0, "threads": args.threads,
+              "provenance": provenance(counts={"calibration_chunks": args.calib_chunks, "calibration_len": args.calib_len,
+                                               "eval_chunks": args.eval_chunks, "eval_len": args.eval_len,
+                                               "max_k": args.max_k})}
     (OUT / "linear_blocks_smollm2.json").write_text(json.dumps(result, indent=2))
     plot_linearity(lin, OUT / "linear_blocks_smollm2.png", "SmolLM2-135M per-block linearity")
     print(f"\nwrote {OUT / 'linear_blocks_smollm2.json'} ({time.time() - t0:.0f} s)")

@@ -37,6 +37,7 @@ from distill_smollm2 import SINKS, kv_bytes, nll, streaming_mask  # noqa: E402
 import surgeon  # noqa: E402
 from surgeon.core.errors import ConfigError  # noqa: E402
 from surgeon.core.report import format_table  # noqa: E402
+from surgeon.core.provenance import provenance  # noqa: E402
 from surgeon.distill.data import pack, pydoc_texts  # noqa: E402
 from surgeon.distill.evaluate import exact_continuation, held_out_windows, make_niah_trials  # noqa: E402
 from surgeon.distill.planning import plan_memory  # noqa: E402
@@ -253,7 +254,12 @@ def main() -> None:
                          "new_tokens": args.greedy_new},
               "eval_windows": args.eval_windows, "settings": settings, "rows": rows,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, fp32, eager PyTorch (both sides)",
-              "minutes": round((time.perf_counter() - t0) / 60, 1)}
+              "minutes": round((time.perf_counter() - t0) / 60, 1),
+              "provenance": provenance(counts={
+                  "needle_depths": len(depths), "needle_trials_per_depth": args.needle_trials,
+                  "greedy_prompts": len(long_prompts), "greedy_new_tokens": args.greedy_new,
+                  "eval_windows": args.eval_windows, "calibration_trials_per_depth": args.calibration_trials,
+                  "configs": args.configs, "needle_only": args.needle_only})}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -31,6 +31,7 @@ import surgeon.export
 from surgeon.passes import BudgetSearchConfig, FinalizeReLU, LinearizeReLU, search_relu_budget
 from surgeon.costs.private import private_costs
 from surgeon.core.report import Report, group_accuracy
+from surgeon.core.provenance import provenance
 
 
 # ------------------------------------------------------------------------------------------- data / model
@@ -246,6 +247,9 @@ def efficientnet_part(out: Path, recipes=("previous", "kd"), train_views: int = 
         "seconds": time.perf_counter() - t_start, "threads": threads,
         "before": before.summary, "after": after.summary, "folded": f.report["FinalizeReLU"].notes})
     after.save(out / "relu_budget_efficientnet_costs.json")
+    costs = json.loads((out / "relu_budget_efficientnet_costs.json").read_text())
+    costs["provenance"] = provenance(counts={"batch": 1, "protocol": "delphi"})
+    (out / "relu_budget_efficientnet_costs.json").write_text(json.dumps(costs, indent=2, default=str))
     print("EfficientNet-Lite0 onnxruntime batch-1 latency / Relu elements in the file:", latency)
     print(f"EfficientNet-Lite0 verdict: {res['verdict']} ({res['verdict_numbers']})")
     return res
@@ -306,6 +310,10 @@ def main() -> None:
     if args.only_efficientnet:
         e = efficientnet_part(out, args.effnet_recipes, args.effnet_train_views, args.effnet_finetune_steps,
                               args.effnet_threads)
+        e["provenance"] = provenance(counts={
+            "train_photos": len(e["split"]["train_images"]), "held_out_photos": len(e["split"]["held_out_images"]),
+            "held_out_views": e["split"]["held_out_views"], "train_views": args.effnet_train_views,
+            "finetune_steps": args.effnet_finetune_steps, "recipes": args.effnet_recipes, "seed": 0})
         (out / "relu_budget_efficientnet.json").write_text(json.dumps(e, indent=2, default=str))
         print(json.dumps({k: v for k, v in e.items() if k not in ("before", "after")}, indent=1, default=str))
         return
@@ -362,6 +370,8 @@ def main() -> None:
         print(f"EfficientNet-Lite0: {e['kept']}/{e['total_relus']} ReLUs kept; ONNX Relu elements "
               f"{e['onnx_relu_elements']}; ORT passed {e['ort_passed']}; {e['verdict']}: {e['verdict_numbers']}")
     result["wall_seconds"] = time.perf_counter() - t_start
+    result["provenance"] = provenance(counts={"budgets": args.budgets, "methods": args.methods, "poly": args.poly,
+                                              "rows": len(rows), "test_examples": len(test[1]), "seed": 0})
     (out / "relu_budget.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {out / 'relu_budget.json'} and {out / 'relu_budget.png'} in {result['wall_seconds']:.0f} s")
 

@@ -24,6 +24,7 @@ import surgeon.export
 from surgeon.models import efficientnet_lite0, imagenet_batch
 from surgeon.passes import FinalizeReLU, LinearizeReLU, linearize_near_linear
 from surgeon.core.report import Report
+from surgeon.core.provenance import provenance
 
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 
@@ -103,7 +104,9 @@ def main() -> None:
     table = Report("relu_linearization (EfficientNet-Lite0, 224x224; min_fraction 1.01 = nothing linearized)",
                    columns=list(rows[0]), rows=rows)
     print(table)
-    (out / "relu_linearization.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    (out / "relu_linearization.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows, "provenance": provenance(
+        counts={"thresholds": args.thresholds, "calibration_photos": list(PHOTOS),
+                "held_out_views": len(PHOTOS), "verify_repeats": 10})}, indent=2))
     plot(rows, out / "relu_linearization.png")
     print(f"\nwrote {out / 'relu_linearization.json'} and {out / 'relu_linearization.png'}")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from surgeon.core.report import format_table
+from surgeon.core.provenance import provenance
 from surgeon.distill.evaluate import exact_continuation, held_out_windows, make_niah_trials
 from surgeon.distill.planning import measure_retrieval, retrieval_scores, state_bytes_fn
 from surgeon.models.smollm2 import load_smollm2
@@ -66,7 +67,9 @@ def main() -> None:
         "teacher_score": teacher_score, "scores": {str(k): v for k, v in sorted(scores.items())},
         "layers_restoring_recall": restoring, "rows": rows,
         "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}, fp32, eager PyTorch",
-        "minutes": round((time.perf_counter() - started) / 60, 1)}
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "provenance": provenance(counts={"trials": len(trials), "depths": len(depths), "trials_per_depth": args.trials,
+                                         "layer_settings": len(scores)})}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "retrieval_layers_smollm2.json"
@@ -88,7 +91,9 @@ def _sets(teacher, trials, teacher_score: float, args, linearize: dict, started:
     result = {"model": "SmolLM2-135M-Instruct", "window": args.window, "sinks": args.sinks, "context": args.context,
               "trials": len(trials), "teacher_score": teacher_score, "rows": rows,
               "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}, fp32, eager PyTorch",
-              "minutes": round((time.perf_counter() - started) / 60, 1)}
+              "minutes": round((time.perf_counter() - started) / 60, 1),
+              "provenance": provenance(counts={"trials": len(trials), "trials_per_depth": args.trials,
+                                               "sets": len(blocks)})}
     path = Path(args.out) / "retrieval_layers_smollm2_sets.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"teacher {teacher_score:.2f}; wrote {path}")
