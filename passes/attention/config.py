@@ -48,7 +48,9 @@ class LinearizeAttention(PassConfig):
             linear state recalls worst (LoLA's sparse cache: a passkey read once is blurred by the state,
             kept here it is recalled exactly); updated once per call, in the decode state (0 = none).
             Ungated linear attention only. Can be added to a converted, distilled model afterwards
-            (:func:`surgeon.passes.attention.memory_slots.set_memory`).
+            (:func:`surgeon.passes.attention.memory_slots.set_memory`). A list gives one count per converted
+            layer in layer order (a per-layer plan such as ``plan_memory`` returns; ``surgeon.save`` writes
+            the live model's plan this way).
         memory_block: prefill tokens per memory update (decoding updates at every token).
         linear_weight_init: initial per-head weight λ of the linear terms beside the softmax ones
             (learnable). The default, 1e-3, starts a hybrid at (almost exactly) sinks + window, which
@@ -78,7 +80,7 @@ class LinearizeAttention(PassConfig):
     gate_rank: int = 16
     window: int = 64
     sinks: int = 4
-    memory: int = 0
+    memory: int | list[int] = 0
     memory_block: int = 64
     linear_weight_init: float = 1e-3
     window_weight_init: float = 0.1
@@ -98,15 +100,16 @@ class LinearizeAttention(PassConfig):
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             raise ConfigError(f"LinearizeAttention.sinks must be an int >= 0 (first tokens kept as exact softmax), "
                               f"got {self.sinks!r}")
-        for name in ("memory", "memory_block"):
-            value = getattr(self, name)
+        counts = self.memory if isinstance(self.memory, list) else [self.memory]
+        for name, value in [*(("memory", c) for c in counts), ("memory_block", self.memory_block)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < (name == "memory_block"):
-                raise ConfigError(f"LinearizeAttention.{name} must be an int >= {int(name == 'memory_block')}, "
-                                  f"got {value!r}")
-        if self.memory and (self.local or self.causal is False):
+                raise ConfigError(f"LinearizeAttention.{name} must be an int >= {int(name == 'memory_block')}"
+                                  f"{' (or a list of them, one per converted layer)' if name == 'memory' else ''}, "
+                                  f"got {getattr(self, name)!r}")
+        if any(counts) and (self.local or self.causal is False):
             raise ConfigError(f"LinearizeAttention(memory={self.memory}) keeps past tokens for later queries: it needs "
                               "causal attention (decoding); bidirectional / local attention has no past, use memory=0")
-        if self.memory and self.gate != "none":
+        if any(counts) and self.gate != "none":
             raise ConfigError(f"LinearizeAttention(memory={self.memory}) keeps tokens out of the linear state, which "
                               f"needs ungated attention; gate={self.gate!r} decays contributions that then cannot be "
                               "taken out exactly: use gate='none' or memory=0")

@@ -118,6 +118,12 @@ class LinearizeAttentionHandler(PassHandler):
                               f"module at these layers; its convertible layers are {sorted(by_layer)}")
         return [by_layer[i] for i in sorted(config.layers)]
 
+    def live_config(self, model: nn.Module, config: LinearizeAttention, sites: list[Site]) -> LinearizeAttention:
+        """``config`` with the memory slots the live model has now (``set_memory`` after apply)."""
+        from surgeon.passes.attention.memory_slots import live_memory_config
+
+        return live_memory_config(model, config, sites)
+
     def needs_recipe(self, config: LinearizeAttention) -> str | None:
         """Why a compile backend must load this config's new parameters from a recipe (None: they need no training)."""
         trained = []
@@ -141,6 +147,7 @@ class LinearizeAttentionHandler(PassHandler):
             from surgeon.passes.attention.fx import rewrite_fx_attention
 
             return rewrite_fx_attention(model, config, plan, ctx)
+        from surgeon.passes.attention.memory_slots import apply_memory_plan
         from surgeon.passes.attention.module import LinearAttention
 
         layouts = plan.state["layouts"]
@@ -150,6 +157,7 @@ class LinearizeAttentionHandler(PassHandler):
             module = LinearAttention(original, lay, config, s.data["layer"], lay.causal)
             match_original(module, original, lay.projection_names + [n for n in (lay.q_norm, lay.k_norm) if n])
             new.append(module)
+        apply_memory_plan([(s.name, m) for s, m in zip(plan.sites, new)], config.memory)   # a per-layer plan
         for site, module in zip(plan.sites, new):
             set_submodule(model, site.name, module)
         return model

@@ -59,7 +59,7 @@ class LinearAttention(nn.Module):
         self.is_causal = causal
         self.window = config.window
         self.sinks = config.sinks if causal else 0
-        self.memory = config.memory if causal else 0
+        self.memory = config.memory if causal and isinstance(config.memory, int) else 0   # a plan: set by the handler
         self.memory_block = config.memory_block
         self.gate = config.gate
         self.local = config.local

@@ -124,6 +124,11 @@ class PassHandler:
         """
         return [] if all(s.kind == "module" for s in plan.sites) else None
 
+    def live_config(self, model: nn.Module, config: PassConfig, sites: list[Site]) -> PassConfig:
+        """``config`` as the live ``model`` now stands, for settings a user may change after apply (e.g.
+        memory slots set on a distilled model); ``surgeon.save`` and ``to_hf`` record it. Default: unchanged."""
+        return config
+
     def needs_recipe(self, config: PassConfig) -> str | None:
         """Why ``config``'s rewrite adds *trained* parameters (a reason string), else None.
 

@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -22,7 +23,8 @@ from safetensors.torch import load_model, save_model
 
 from surgeon.core.apply import Surgery, apply
 from surgeon.core.errors import RecipeError, RestoreError
-from surgeon.core.recipe import Recipe, first_mismatch, fingerprint, placeholder_inputs
+from surgeon.core.handler import handler_for
+from surgeon.core.recipe import Recipe, RecipeEntry, first_mismatch, fingerprint, placeholder_inputs
 
 RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -33,11 +35,23 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def live_recipe(model: nn.Module, recipe: Recipe) -> Recipe:
+    """``recipe`` with each pass's config as ``model`` now stands (settings changed after apply, such as
+    memory slots from ``set_memory``; see ``PassHandler.live_config``)."""
+    entries = []
+    for entry in recipe.entries:
+        config = entry.build_config()
+        live = handler_for(config).live_config(model, config, entry.sites)
+        entries.append(entry if live is config else RecipeEntry(entry.pass_name, live.to_dict(), entry.sites))
+    return dataclasses.replace(recipe, entries=entries)
+
+
 def save(surgery: Surgery, directory: str | Path) -> Path:
-    """Write ``recipe.json``, ``model.safetensors`` (with the recipe's digest) and ``report.json``."""
+    """Write ``recipe.json`` (as the live model stands: :func:`live_recipe`), ``model.safetensors`` (with the
+    recipe's digest) and ``report.json``."""
     directory = Path(directory)
+    text = live_recipe(surgery.model, surgery.recipe).to_json()
     directory.mkdir(parents=True, exist_ok=True)
-    text = surgery.recipe.to_json()
     (directory / RECIPE_FILE).write_text(text)
     save_model(surgery.model, str(directory / WEIGHTS_FILE), metadata={"recipe_sha256": _digest(text)})
     surgery.report.save(directory / REPORT_FILE)
