@@ -53,7 +53,11 @@ def _recipe_of(surgery: Any, recipe: Any) -> tuple[nn.Module, dict[str, Any]]:
     if recipe is None:
         raise ExportError(f"to_hf needs the surgery's recipe: pass the Surgery that surgeon.apply returned, or "
                           f"to_hf({type(model).__name__}, path, recipe=surgeon.load_recipe(saved_dir))")
-    recipe = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe)
+    from surgeon.core.persist import live_recipe
+    from surgeon.core.recipe import Recipe
+
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(dict(recipe))
+    recipe = live_recipe(model, recipe).to_dict()     # settings changed after apply (set_memory) included
     if not recipe.get("passes"):
         raise ExportError("the recipe has no passes: save an unmodified model with its own save_pretrained")
     from transformers import PreTrainedModel
@@ -146,7 +150,7 @@ def _check_loads(staging: Path, model: nn.Module) -> None:
         raise ExportError(f"the folder does not load back into the rewritten model: {problems}; the recipe's "
                           "passes do not replay to the same modules (was the model changed after surgeon.apply?)")
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (2, check_length(model)), generator=torch.Generator().manual_seed(0))
     param = next(model.parameters())
     was = model.training
     model.eval()
@@ -162,13 +166,23 @@ def _check_loads(staging: Path, model: nn.Module) -> None:
                           "the recipe does not replay this model (state outside the recipe?)")
 
 
+def check_length(model: nn.Module) -> int:
+    """Prompt length that reaches every part of the rewritten attention: the linear branch, the sinks and the
+    memory slots (the longest window + sinks + slots of any layer, + 64 tokens), within the model's positions."""
+    from surgeon.passes.attention.module import LinearAttention
+
+    reach = max((u.window + u.sinks + u.memory for u in model.modules() if isinstance(u, LinearAttention)), default=0)
+    limit = getattr(model.config, "max_position_embeddings", None) or 2**31
+    return max(11, min(reach + 64, limit))
+
+
 def to_hf(surgery: Any, path: str | Path, tokenizer: Any = None, *, recipe: Any = None, overwrite: bool = False,
           verify: bool = True, max_shard_size: str = "5GB") -> Path:
     """Write a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads as the rewritten model.
 
     ``surgery``: what ``surgeon.apply`` returned (or a model, with ``recipe=``). ``tokenizer`` is saved
-    beside it when given. ``verify`` loads the folder back and compares logits before it is moved into
-    place. A folder that holds another model is refused unless ``overwrite=True``.
+    beside it when given. ``verify`` loads the folder back and compares logits (at :func:`check_length` tokens:
+    the linear branch, sinks and memory slots all in use) before it is moved into place. A folder that holds another model is refused unless ``overwrite=True``.
     """
     model, recipe_dict = _recipe_of(surgery, recipe)
     path = Path(path)
