@@ -76,3 +76,17 @@ def seeded_resnet(seed: int = 0) -> TinyResNet:
 def other_resnet() -> TinyResNet:
     """Same architecture, different weights: the wrong model for a verification."""
     return seeded_resnet(seed=1)
+
+
+def byte_tokenizer() -> "transformers.PreTrainedTokenizerFast":
+    """A byte-level tokenizer built in code (259 ids: <pad> <s> </s> + 256 bytes): any text, no download."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", *bytes_to_unicode().values()])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {"surgeon.core": 0, "surgeon.fx": 1, "surgeon.ops": 2, "surgeon.costs": 3, "surgeon.data": 3,
           "surgeon.passes": 4, "surgeon.models": 4, "surgeon.export": 5, "surgeon.compile": 5,
-          "surgeon.distill": 5, "surgeon.cli": 6}
+          "surgeon.distill": 5, "surgeon.fidelity": 5, "surgeon.cli": 6}
 #: the orchestrators of core summarise costs before / after a surgery
 UPWARD_ALLOWED = {("surgeon.core.apply", "surgeon.costs.macs")}
 #: private names still imported across modules, each with its owner; remove a line when it is fixed

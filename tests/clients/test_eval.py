@@ -13,25 +13,13 @@ import transformers
 import surgeon
 from surgeon.core.errors import ConfigError
 from surgeon.passes import LinearizeAttention
+from surgeon_test_models import byte_tokenizer
 
 pytest.importorskip("lm_eval", reason="pip install 'surgeon[clients]'")
 
 from surgeon.eval import LOCAL_TASKS, evaluate, max_difference, routes_for  # noqa: E402
 
 TASKS = ["surgeon_pydoc_ppl", "surgeon_python_mc", "surgeon_python_gen"]
-
-
-def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A byte-level tokenizer built in code (259 ids: <pad> <s> </s> + 256 bytes): any text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", *bytes_to_unicode().values()])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>")
 
 
 def tiny_llama(vocab: int, seed: int = 0) -> transformers.LlamaForCausalLM:

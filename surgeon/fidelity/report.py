@@ -1,0 +1,89 @@
+"""Summaries of per-prompt fidelity rows: every figure with its n and a 95 % interval, paired differences.
+
+Rows come from :func:`surgeon.fidelity.measure.measure` (one per configuration and prompt, with the
+original's ``ref_nll``) and needle rows (``hit`` / ``orig_hit`` per trial).
+
+Example:
+    >>> rows = [{"config": "a", "kind": "code", "context": 64, "prompt": str(i), "top1": t, "kl": 0.1,
+    ...          "greedy": t, "first_divergence": 3, "nll": 10.0, "ref_nll": 9.0, "tokens": 63}
+    ...         for i, t in enumerate([0.8, 0.9, 1.0])]
+    >>> s = summarize(rows)[("a", "code", 64)]
+    >>> s["n"], round(s["top1"], 3), s["top1_ci"][0] <= 0.9 <= s["top1_ci"][1]
+    (3, 0.9, True)
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Iterable
+
+from surgeon.fidelity.stats import bootstrap_ci, paired_diff_ci, ratio_ci, verdict, wilson
+
+METRICS = ("top1", "kl", "greedy", "first_divergence")
+HIGHER_IS_BETTER = {"top1": True, "kl": False, "greedy": True, "first_divergence": True, "ppl_ratio": False}
+
+
+def _group(rows: Iterable[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[tuple(r[k] for k in keys)].append(r)
+    return out
+
+
+def summarize(rows: Iterable[dict], keys: tuple[str, ...] = ("config", "kind", "context")) -> dict[tuple, dict]:
+    """Per group: n prompts, each metric's mean and bootstrap interval, and the perplexity ratio with its
+    interval (summed NLL of the configuration over the original's, resampling prompts)."""
+    out = {}
+    for key, group in _group(rows, keys).items():
+        s: dict[str, Any] = {"n": len(group)}
+        for m in METRICS:
+            values = [float(r[m]) for r in group]
+            s[m] = sum(values) / len(values)
+            s[f"{m}_ci"] = bootstrap_ci(values)
+        nll, ref, tok = ([float(r[k]) for r in group] for k in ("nll", "ref_nll", "tokens"))
+        s["ppl_ratio"] = math.exp((sum(nll) - sum(ref)) / sum(tok))
+        s["ppl_ratio_ci"] = ratio_ci(nll, ref, tok)
+        out[key] = s
+    return out
+
+
+def compare(rows: list[dict], config: str, baseline: str, keys: tuple[str, ...] = ("kind", "context")
+            ) -> dict[tuple, dict]:
+    """``config`` − ``baseline`` per group on the prompts both were scored on: mean difference of each metric,
+    its paired-bootstrap interval and the verdict (better / worse / tie)."""
+    out = {}
+    by = _group([r for r in rows if r["config"] in (config, baseline)], keys)
+    for key, group in by.items():
+        a = {r["prompt"]: r for r in group if r["config"] == config}
+        b = {r["prompt"]: r for r in group if r["config"] == baseline}
+        common = sorted(set(a) & set(b))
+        if not common:
+            continue
+        d: dict[str, Any] = {"n": len(common)}
+        for m in METRICS:
+            x, y = [float(a[p][m]) for p in common], [float(b[p][m]) for p in common]
+            d[m] = sum(x) / len(x) - sum(y) / len(y)
+            d[f"{m}_ci"] = paired_diff_ci(x, y)
+            d[f"{m}_verdict"] = verdict(d[f"{m}_ci"], HIGHER_IS_BETTER[m])
+        tok = [float(a[p]["tokens"]) for p in common]
+        ax, bx = [float(a[p]["nll"]) for p in common], [float(b[p]["nll"]) for p in common]
+        d["log_ppl_ratio"] = (sum(ax) - sum(bx)) / sum(tok)
+        d["log_ppl_ratio_ci"] = ratio_ci(ax, bx, tok, transform=lambda t: t)
+        d["log_ppl_ratio_verdict"] = verdict(d["log_ppl_ratio_ci"], higher_is_better=False)
+        out[key] = d
+    return out
+
+
+def needle_summary(rows: Iterable[dict], keys: tuple[str, ...] = ("config", "context")) -> dict[tuple, dict]:
+    """Per group: trials, hits, hits among the trials the original gets right (the target's denominator),
+    each with a Wilson interval."""
+    out = {}
+    for key, group in _group(rows, keys).items():
+        hits = sum(bool(r["hit"]) for r in group)
+        right = [r for r in group if r["orig_hit"]]
+        kept = sum(bool(r["hit"]) for r in right)
+        out[key] = {"trials": len(group), "hits": hits, "rate": hits / len(group), "rate_ci": wilson(hits, len(group)),
+                    "original_right": len(right), "hits_where_original_right": kept,
+                    "recall_vs_original": kept / len(right) if right else float("nan"),
+                    "recall_vs_original_ci": wilson(kept, len(right))}
+    return out
