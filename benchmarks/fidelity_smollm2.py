@@ -173,7 +173,8 @@ def main() -> None:
                         add({"config": c, "prompt": pid, "split": split, "kind": kind, "context": context,
                              "ref_nll": ref["nll"], "bytes": candidates[c][0], **r,
                              "seconds": round(time.perf_counter() - t1, 2)})
-                    log(f"{pid}: {', '.join(f'{c} {rows[-len(todo) + j]['top1']:.2f}' for j, c in enumerate(todo))}")
+                    scored = ", ".join(f"{r['config']} {r['top1']:.2f}/{r['greedy']:.2f}" for r in rows[-len(todo):])
+                    log(f"{pid} (top-1/greedy): {scored}")
 
     def picks() -> dict[str, str]:
         """Per byte level, the strongest baseline on validation (mean teacher-forced top-1 over every prompt)."""
