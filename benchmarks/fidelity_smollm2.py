@@ -133,7 +133,7 @@ def main() -> None:
         scores = retrieval_heads(teacher, probes)            # (layers, q heads)
         torch.save(scores, calib_file)
     kv_scores = scores.view(LAYERS, KV_HEADS, -1).amax(-1)
-    plan = plan_memory(scores, args.slots)
+    plan = plan_memory({i: float(row.max()) for i, row in enumerate(scores)}, args.slots)
     log(f"retrieval heads measured; slot plan {plan}")
 
     levels = {"": None, " + slots": plan}
