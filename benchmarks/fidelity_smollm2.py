@@ -67,12 +67,14 @@ class Student:
         return self.base_bytes + sum(slots or []) * KV_HEADS * TOKEN_HEAD_BYTES
 
 
-def baselines(tokens_per_head: int, retrieval: torch.Tensor) -> dict[str, ExactTokenPolicy]:
-    """Exact-token policies keeping ``tokens_per_head`` tokens in every layer and kv head on average."""
+def baselines(tokens_per_head: int, retrieval: torch.Tensor, shares: tuple[float, ...] = (0.5,)
+              ) -> dict[str, ExactTokenPolicy]:
+    """Exact-token policies keeping ``tokens_per_head`` tokens in every layer and kv head on average;
+    ``shares``: fractions of the room beyond the sinks given to heavy hitters (H2O, TOVA)."""
     room = tokens_per_head - SINKS
     out = {f"sinks+window {room}": ExactTokenPolicy(sinks=SINKS, window=room)}
     for score in ("h2o", "tova"):
-        for share in (0.25, 0.5):
+        for share in shares:
             heavy = int(room * share)
             out[f"{score} {room - heavy}+{heavy}"] = ExactTokenPolicy(sinks=SINKS, window=room - heavy, heavy=heavy,
                                                                       score=score)
@@ -97,6 +99,9 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=192, help="memory slots per layer on average (planned)")
     ap.add_argument("--needle-contexts", default="2048,4096")
     ap.add_argument("--needle-keys", type=int, default=2, help="passkeys per haystack and depth")
+    ap.add_argument("--shares", default="0.5", help="heavy-hitter shares of the room beyond the sinks (validation grid)")
+    ap.add_argument("--needle-configs", default="student + slots,@slots",
+                    help="configurations in the needle stage (@slots: the strongest baseline at that level)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="out/fidelity")
     ap.add_argument("--out", default="benchmarks/results/fidelity_smollm2.json")
@@ -143,7 +148,7 @@ def main() -> None:
         candidates[f"student{suffix}"] = (b, ("student", True, slots))
         candidates[f"student{suffix} λ=0"] = (b, ("student", False, slots))
         per_head = b // (LAYERS * KV_HEADS * TOKEN_HEAD_BYTES)
-        for name, policy in baselines(per_head, kv_scores).items():
+        for name, policy in baselines(per_head, kv_scores, tuple(map(float, args.shares.split(",")))).items():
             candidates[f"{name} @{suffix or ' student'}".replace("@ + ", "@").replace("@ ", "@")] = (
                 policy.state_bytes(teacher.config), ("baseline", policy, suffix))
 
@@ -202,7 +207,7 @@ def main() -> None:
     needle_rows_file = work / "needle.jsonl"
     needle_rows = [json.loads(x) for x in needle_rows_file.read_text().splitlines()] if needle_rows_file.exists() else []
     if args.stage in ("needle", "all"):
-        names = ["student", "student + slots"] + list(chosen.values())
+        names = [chosen.get(c, c) for c in args.needle_configs.split(",")]
         seen = {(r["config"], r["trial"]) for r in needle_rows}
         for context in map(int, args.needle_contexts.split(",")):
             trials = make_needles(tok, "test", context, keys_per_cell=args.needle_keys)
