@@ -26,6 +26,8 @@ Example:
     >>> tight = ExactTokenModel(model, ExactTokenPolicy(sinks=2, window=6, heavy=4, block=8))
     >>> _ = tight.prefill(ids); tight.kept_tokens()
     [[12, 12], [12, 12]]
+    >>> engine.generate(ids, 4) == model.generate(ids, max_new_tokens=4, do_sample=False)[0, 40:].tolist()
+    True
 """
 from __future__ import annotations
 
@@ -231,6 +233,18 @@ class ExactTokenModel:
             pos = self.layers[0].next_pos
             return self.model.model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos]]),
                                     use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def generate(self, ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+        """Greedy continuation of ``ids`` (1, T): the new tokens (stops after ``eos_token_id``)."""
+        hidden = self.prefill(ids)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            out.append(int(self.lm_head(hidden[0, -1]).argmax()))
+            if out[-1] == eos_token_id or len(out) == max_new_tokens:
+                break
+            hidden = self.step(out[-1])
+        return out
 
     def snapshot(self) -> list[tuple]:
         return [layer.snapshot() for layer in self.layers]
