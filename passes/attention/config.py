@@ -59,8 +59,7 @@ class LinearizeAttention(PassConfig):
             attention transfer then raises it
             where the linear branch helps. The linear terms sum over every key beyond the window, so a
             smaller φ (larger φ(q)·φ(k)) needs a smaller start: with hedgehog ``feature_dim=16`` at
-            window 256, λ = 1e-3 already moves an untrained hybrid away from sinks + window (not recorded in a
-            results file), 1e-6 does not (``benchmarks/distill_smollm2.py`` starts there). Pure linear attention (window 0, no sinks) has no λ.
+            window 256 ``benchmarks/distill_smollm2.py`` starts at λ = 1e-6. Pure linear attention (window 0, no sinks) has no λ.
         window_weight_init: initial per-head weight γ of the softmax terms (a sigmoid of a learnable
             logit; LoLCATs initialises 0.1); linear terms have weight 1.
         local: bidirectional models only: keep softmax inside a local window around each query
