@@ -13,7 +13,7 @@ Stages: ``validation`` scores every configuration on the validation prompts and 
 strongest baseline and the best eviction split; ``test`` scores the picked ones once on the test prompts;
 ``needle`` runs passkey trials at several contexts. Rows are cached in ``--work`` (a rerun resumes).
 
-    python benchmarks/fidelity_smollm2.py --stage all --prompts 1024:4,4096:1
+    python benchmarks/fidelity_smollm2.py --stage all --val-prompts 1024:1 --prompts 1024:4,4096:1
 """
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", default="out/bench_distill/quick_w128/student")
     ap.add_argument("--stage", choices=("validation", "test", "needle", "all", "report"), default="all")
-    ap.add_argument("--prompts", default="1024:4,4096:1", help="context:prompts per kind and split")
+    ap.add_argument("--prompts", default="1024:4,4096:1", help="test prompts, context:count per kind")
+    ap.add_argument("--val-prompts", default="1024:1", help="validation prompts, context:count per kind")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--slots", type=int, default=192, help="memory slots per layer on average (planned)")
     ap.add_argument("--needle-contexts", default="2048,4096")
@@ -160,7 +161,7 @@ def main() -> None:
     refs: dict[str, dict] = {}
 
     def score(split: str, names: list[str]) -> None:
-        for context, n in parse_prompts(args.prompts):
+        for context, n in parse_prompts(args.prompts if split == "test" else args.val_prompts):
             for kind in KINDS:
                 for i, p in enumerate(make_prompts(tok, kind, split, context, n)):
                     pid = f"{split}/{kind}/{context}/{i}"
