@@ -46,7 +46,7 @@ from surgeon.export.onnx_export import (
     versions,
 )
 from surgeon.export.prompt_padding import AnyLengthPrefill
-from surgeon.export.stateful_lm import PAST, DecodeLM, PrefillLM, StateLayout
+from surgeon.export.stateful_lm import PAST, BlockPrefillLM, DecodeLM, PrefillLM, StateLayout
 
 CHUNK = 64
 
@@ -126,13 +126,16 @@ def _export_graph_once(module: nn.Module, args: tuple, in_names: list[str], out_
                        path: Path, opset: int | None, optimize: bool) -> GraphSpec:
     import onnx
 
+    from surgeon.export.linear_attention_op import export_options, finalize
+
     try:
         with quiet_exporter():
             torch.onnx.export(module, args, str(path), dynamo=True, external_data=True, dynamic_shapes=dynamic,
-                              input_names=in_names, output_names=out_names, opset_version=opset, verbose=False,
-                              optimize=optimize)
+                              input_names=in_names, output_names=out_names, verbose=False,
+                              optimize=optimize, **export_options(opset))
     except Exception as e:
         raise _exporter_error(module, e, args, dynamic) from e
+    finalize(path)              # LinearAttention nodes: the graph's opset becomes 27
     proto = onnx.load(str(path), load_external_data=False)
     if _rename_dims(proto):
         onnx.save(proto, str(path))      # external weights stay where they are
@@ -151,7 +154,8 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
                      chunk: int = CHUNK, opset: int | None = None, overwrite: bool = False,
                      recipe: dict | None = None, ort_optimize: Any = False,
                      save_optimized: bool | str = False,
-                     softmax_only: bool = False, last_logits_only: bool = False) -> ExportResult:
+                     softmax_only: bool = False, last_logits_only: bool = False,
+                     linear_op: str = "auto") -> ExportResult:
     """Write ``prefill.onnx``, ``decode.onnx`` and ``manifest.json`` for a linearized causal LM.
 
     The example used for export is ``batch`` × ``chunks·chunk`` tokens (never reused by verify).
@@ -159,8 +163,11 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
     checked against the model and recorded before the files are moved into place). ``softmax_only``:
     export a model with no linearized layer (the original, every layer a KV cache) the same way, so
     benchmarks compare both models in one runtime. ``last_logits_only``: ``prefill.onnx`` returns
-    the last position's logits only, ``(batch, 1, vocab)`` (default: every position).
+    the last position's logits only, ``(batch, 1, vocab)`` (default: every position). ``linear_op``: the
+    recurrence as ONNX's ``LinearAttention`` ("onnx", opset 27), onnxruntime's contrib kernel ("contrib"), our
+    own ops ("ours") or "auto" (:mod:`surgeon.export.linear_attention_op`); the manifest records which.
     """
+    from surgeon.export.linear_attention_op import count_nodes, describe, linear_op_export
     from surgeon.export.onnx_export import ort_optimize_kwargs
 
     t0 = time.perf_counter()
@@ -168,20 +175,30 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
     out_dir = Path(out_dir)
     wrap = {"softmax_only": True} if softmax_only else {}
     layout = StateLayout.of(model, **wrap)
+    if recipe is not None:
+        recipe = _live(model, recipe)
+    if layout.memory and ort_kwargs is not None:
+        raise ExportError(f"ort_optimize checks prefill.onnx on whole prompts, and a model with memory slots "
+                          f"(layers {sorted(layout.memory)}) is prefilled block by block; export it without "
+                          "ort_optimize (onnxruntime still applies its default optimizations when it loads the graphs)")
     config = _config_fingerprint(model)
     _check_overwrite(out_dir, config, overwrite)
     dest = _prepare_destination(out_dir)
     try:
-        with model_eval_mode(model):
+        with model_eval_mode(model), linear_op_export(linear_op, opset) as used:
             graphs = _export_both(model, layout, dest.staging, batch, chunks, chunk, opset, wrap, last_logits_only)
+        linear_nodes = {g: count_nodes(dest.staging / spec.file).get("LinearAttention", 0) for g, spec in graphs.items()}
         state = [{"name": s.name, "layer": s.layer, "kind": s.kind, "shape": ["batch", *s.shape],
                   "dtype": dtype_name(s.dtype)} for s in layout.specs]
         manifest = Manifest(graphs=graphs, versions=versions(), recipe=recipe, exporter={
             "api": "surgeon.export.export_causal_lm", "dynamo": True, "kind": "causal_lm_stateful",
-            "chunk": chunk, "prefill_pads": True, "last_logits_only": last_logits_only, "state": state, "state_bytes_per_sequence": layout.state_bytes(1),
+            "chunk": 1 if layout.memory else chunk, "prefill_pads": True, "last_logits_only": last_logits_only,
+            "prefill_blocks": layout.memory_block, "memory_slots": {str(i): n for i, n in layout.memory.items()},
+            "state": state, "state_bytes_per_sequence": layout.state_bytes(1),
             "softmax_layers": list(layout.softmax_layers), "kv_cache_pad": layout.pad,
             "kv_cache_bytes_per_token": layout.kv_bytes_per_token(1),
-            "model_config": config, "export_seconds": round(time.perf_counter() - t0, 3)})
+            "model_config": config, "export_seconds": round(time.perf_counter() - t0, 3),
+            "linear_attention_op": describe(used, linear_nodes, linear_op)})
         manifest.save(dest.staging / MANIFEST_NAME)
         ort_report = None
         if ort_kwargs is not None:
@@ -200,6 +217,15 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, batch: int = 2, c
                         manifest=manifest, seconds=time.perf_counter() - t0, ort=ort_report)
 
 
+def _live(model: nn.Module, recipe: Any) -> dict:
+    """The recipe as the live model stands (memory slots set after apply), as a dict."""
+    from surgeon.core.persist import live_recipe
+    from surgeon.core.recipe import Recipe
+
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(dict(recipe))
+    return live_recipe(model, recipe).to_dict()
+
+
 def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: int, chunks: int, chunk: int,
                  opset: int | None, wrap: dict | None = None, last_only: bool = False) -> dict[str, GraphSpec]:
     vocab = getattr(model.config, "vocab_size", 2)
@@ -216,6 +242,12 @@ def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: in
     b = torch.export.Dim("batch", min=1, max=4096)
     past = torch.export.Dim("past", min=2, max=2**20)
     seq = {0: b, 1: torch.export.Dim("sequence", min=2, max=2**20)}
+    if layout.memory:
+        prefill = _export_block_prefill(model, layout, staging, ids, mask, names, outs, b, past, state_dims, opset)
+        with torch.no_grad():
+            state = list(PrefillLM(model)(ids, mask)[1:])
+        return {"prefill": prefill, "decode": _export_decode(model, layout, staging, state, mask, names, outs, b, past,
+                                                            state_dims, opset, gen, vocab, wrap)}
     prefill_module = AnyLengthPrefill(PrefillLM(model, **(wrap or {})), chunk, last_only)
     prefill = _export_graph(
         prefill_module, (ids, mask), ["input_ids", "attention_mask"], outs, (seq, seq),
@@ -224,15 +256,45 @@ def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: in
         staging / "prefill.onnx", opset)
     with torch.no_grad():
         state = list(prefill_module(ids, mask)[1:])
-    step_ids = torch.randint(0, vocab, (batch, 1), generator=gen)
+    decode = _export_decode(model, layout, staging, state, mask, names, outs, b, past, state_dims, opset, gen, vocab,
+                            wrap)
+    return {"prefill": prefill, "decode": decode}
+
+
+def _state_shapes(layout: StateLayout, b: Any, past: Any) -> tuple[dict[int, Any], ...]:
+    return tuple({0: b, **({s.shape.index(PAST) + 1: past} if s.grows else {})} for s in layout.specs)
+
+
+def _export_decode(model: nn.Module, layout: StateLayout, staging: Path, state: list[torch.Tensor], mask: torch.Tensor,
+                   names: list[str], outs: list[str], b: Any, past: Any, state_dims: Any, opset: int | None,
+                   gen: torch.Generator, vocab: int, wrap: dict | None) -> GraphSpec:
+    step_ids = torch.randint(0, vocab, (mask.shape[0], 1), generator=gen)
     positions = mask.sum(-1, keepdim=True)
     in_names = ["input_ids", "position_ids"] + [n.replace("state.", "state_in.") for n in names]
-    state_shapes = tuple({0: b, **({s.shape.index(PAST) + 1: past} if s.grows else {})} for s in layout.specs)
-    decode = _export_graph(
+    return _export_graph(
         DecodeLM(model, **(wrap or {})), (step_ids, positions, *state), in_names, outs,
-        ({0: b}, {0: b}, state_shapes), [{0: "batch"}, {0: "batch"}] + state_dims("past"),
+        ({0: b}, {0: b}, _state_shapes(layout, b, past)), [{0: "batch"}, {0: "batch"}] + state_dims("past"),
         [{0: "batch"}] + state_dims("past_out"), staging / "decode.onnx", opset)
-    return {"prefill": prefill, "decode": decode}
+
+
+def _export_block_prefill(model: nn.Module, layout: StateLayout, staging: Path, ids: torch.Tensor, mask: torch.Tensor,
+                          names: list[str], outs: list[str], b: Any, past: Any, state_dims: Any,
+                          opset: int | None) -> GraphSpec:
+    """``prefill.onnx`` of a model with memory slots: one block of 2…``memory_block`` tokens with the state in
+    (:class:`~surgeon.export.stateful_lm.BlockPrefillLM`); the runtime sends the prompt block by block."""
+    block = layout.memory_block
+    if block < 2:
+        raise ExportError(f"memory_block={block}: the prefill graph takes blocks of 2 or more tokens; set a larger "
+                          "one (set_memory(model, slots, block=64)) before export")
+    n = max(2, block - 1)                    # an example inside the range: no specialisation at its ends
+    example = (ids[:, :n], mask[:, :n], (mask[:, :n].cumsum(-1) - 1).clamp(min=0), *layout.zeros(ids.shape[0]))
+    tokens = torch.export.Dim("block_tokens", min=2, max=block)
+    in_names = ["input_ids", "attention_mask", "position_ids"] + [n.replace("state.", "state_in.") for n in names]
+    seq = {0: b, 1: tokens}
+    return _export_graph(
+        BlockPrefillLM(model), example, in_names, outs, (seq, seq, seq, _state_shapes(layout, b, past)),
+        [{0: "batch", 1: "block_tokens"}] * 3 + state_dims("past"),
+        [{0: "batch", 1: "block_tokens"}] + state_dims("past_out"), staging / "prefill.onnx", opset)
 
 
 def load_causal_lm_manifest(path: str | Path) -> Manifest:
@@ -245,4 +307,31 @@ def load_causal_lm_manifest(path: str | Path) -> Manifest:
         file = manifest.graph_path(name)
         if not file.is_file():
             raise ExportError(f"{file} is missing; re-export into {manifest.root}")
+    _check_recipe_slots(manifest)
     return manifest
+
+
+def recipe_slots(recipe: dict | None) -> dict[int, int]:
+    """Layer -> memory slots the recipe's LinearizeAttention passes give (layers without slots left out)."""
+    out: dict[int, int] = {}
+    for entry in (recipe or {}).get("passes", []):
+        if entry.get("pass") != "LinearizeAttention":
+            continue
+        memory = entry.get("config", {}).get("memory", 0)
+        layers = [site.get("data", {}).get("layer") for site in entry.get("sites", [])]
+        counts = memory if isinstance(memory, list) else [memory] * len(layers)
+        out.update({layer: n for layer, n in zip(layers, counts) if layer is not None and n})
+    return out
+
+
+def _check_recipe_slots(manifest: Manifest) -> None:
+    """The memory slots the graphs carry are the recipe's, layer by layer (refused at load otherwise)."""
+    if not manifest.recipe:
+        return
+    graphs = {s["layer"]: s["shape"][2] for s in manifest.exporter.get("state", []) if s["kind"] == "memory_keys"}
+    want = recipe_slots(manifest.recipe)
+    for layer in sorted(set(want) | set(graphs)):
+        if want.get(layer, 0) != graphs.get(layer, 0):
+            raise ExportError(f"{manifest.root}: layer {layer} has {graphs.get(layer, 0)} memory slots in the graphs "
+                              f"but {want.get(layer, 0)} in the recipe; the recipe and the graphs come from different "
+                              "models: re-export the model with the recipe it was saved with")

@@ -337,6 +337,7 @@ def to_onnx(
     ort_optimize: bool | str | Sequence[str] | Mapping[str, Any] = False,
     save_optimized: bool | str = False,
     passes: Sequence[Any] | None = None,
+    linear_op: str = "auto",
 ) -> ExportResult:
     """Export ``model`` to ONNX (dynamo exporter) and write a manifest next to the graph.
 
@@ -352,7 +353,9 @@ def to_onnx(
     optimization levels against ``model`` before anything is written, and records the fastest level
     that keeps parity in the manifest; ``save_optimized`` (``True`` = ``"extended"``, or a level) also
     writes the onnxruntime-optimized graph. A linearized causal LM exports as prefill + decode graphs
-    (:func:`surgeon.export.export_causal_lm`) and needs no ``example_inputs``.
+    (:func:`surgeon.export.export_causal_lm`) and needs no ``example_inputs``; ``linear_op`` picks how its
+    recurrence is written (ONNX's ``LinearAttention`` at opset 27 or our own ops: see
+    :mod:`surgeon.export.linear_attention_op`).
 
     ``passes`` (surgeon pass configs) are applied to the ``torch.export`` program's graph (ATen ops)
     before conversion, e.g. ``[LinearizeReLU(init=0.0)]`` or ``[FinalizeReLU()]`` on a surgered
@@ -376,7 +379,7 @@ def to_onnx(
         from surgeon.export.causal_lm import export_causal_lm
 
         return export_causal_lm(model, path, opset=opset, overwrite=overwrite, recipe=recipe,
-                                ort_optimize=ort_kwargs if ort_kwargs is not None else False)
+                                ort_optimize=ort_kwargs if ort_kwargs is not None else False, linear_op=linear_op)
     if example_inputs is None:
         raise ExportError(f"to_onnx({type(model).__name__}) needs example_inputs (a tensor or a tuple of tensors); "
                           "only linearized causal LMs (prefill + decode graphs) export without them")

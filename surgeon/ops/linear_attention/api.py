@@ -22,6 +22,7 @@ from surgeon.ops.linear_attention.memory import MemoryState
 from surgeon.ops.linear_attention.recurrent import causal_recurrent
 from surgeon.ops.linear_attention.reference import bidir_parallel, causal_parallel
 from surgeon.ops.linear_attention.sinks import SinkState
+from surgeon.ops.linear_attention.standard_op import active as standard_op_active, linear_recurrence
 
 CAUSAL_FORMS = ("parallel", "chunked", "recurrent")
 # Eager chunked calls longer than this run as consecutive blocks carrying the cache exactly: every
@@ -77,12 +78,13 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feat
     x = prepare(q, k, v, feature_q, feature_k, scale=scale, window=window, window_weight=window_weight,
                 linear_weight=linear_weight, log_decay=log_decay, key_mask=key_mask, past_k=past_k,
                 past_v=past_v, state=state, eps=eps, sinks=sinks, sink_state=sink_state, memory_state=memory_state)
+    recurrence = linear_recurrence if standard_op_active() else None   # export: ONNX's LinearAttention
     if form == "parallel":
         out, new_state = causal_parallel(x)
     elif form == "recurrent":
-        out, new_state = causal_recurrent(x)
+        out, new_state = causal_recurrent(x, recurrence)
     else:
-        out, new_state = causal_chunked(x, check_chunk(chunk_size))
+        out, new_state = causal_chunked(x, check_chunk(chunk_size), recurrence)
     return out.to(x.out_dtype), new_state
 
 

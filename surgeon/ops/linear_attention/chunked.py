@@ -17,6 +17,8 @@ Example:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -25,13 +27,20 @@ from surgeon.ops.linear_attention.common import (Parts, decay_state, empty_parts
                                                  with_ones, with_slots)
 from surgeon.ops.linear_attention.inputs import Inputs
 
+# (fq, fk, [v, 1] at H heads in folding order, state, log_decay, strict) -> (linear terms, new state)
+Recurrence = Callable[[Tensor, Tensor, Tensor, Tensor, "Tensor | None", bool], tuple[Tensor, Tensor]]
 
-def causal_chunked(x: Inputs, C: int) -> tuple[Tensor, Tensor]:
-    """Causal hybrid attention in linear time; returns (out, new_state)."""
+
+def causal_chunked(x: Inputs, C: int, recurrence: Recurrence | None = None) -> tuple[Tensor, Tensor]:
+    """Causal hybrid attention in linear time; returns (out, new_state). ``recurrence``: a function computing
+    the linear terms instead (``surgeon::linear_recurrence``, the op an export maps onto ONNX's LinearAttention)."""
     parts = window_chunked(x, C) if x.window > 0 else empty_parts(x)
     parts = with_slots(parts, x)
     fk, vv = fold_stream(x)
-    if x.log_decay is None:
+    if recurrence is not None:
+        lin, new_state = recurrence(x.fq, repeat_heads(fk, x.groups), repeat_heads(vv, x.groups), x.state,
+                                    x.log_decay, x.window > 0)
+    elif x.log_decay is None:
         lin, new_state = linear_chunked(x.fq, fk, vv, None if x.fresh else x.state, x.groups,
                                         strict=x.window > 0, C=C)
     else:
