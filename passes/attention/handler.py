@@ -160,6 +160,10 @@ class LinearizeAttentionHandler(PassHandler):
         apply_memory_plan([(s.name, m) for s, m in zip(plan.sites, new)], config.memory)   # a per-layer plan
         for site, module in zip(plan.sites, new):
             set_submodule(model, site.name, module)
+        if any(m.is_causal for m in new):
+            from surgeon.passes.attention.prefill import default_prefill_chunking
+
+            default_prefill_chunking(model)      # long prompts prefill in blocks: memory O(block)
         return model
 
     def report(self, model: nn.Module, config: LinearizeAttention, plan: Plan, ctx: PassContext) -> Report:
