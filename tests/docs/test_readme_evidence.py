@@ -336,7 +336,7 @@ def test_lora_fidelity_table_and_sentences_are_the_recorded_run():
     ev = r["lm_eval"]
     s = claim(r"lm-evaluation-harness \((?P<docs>\d+) held-out documents, context (?P<ctx>\d+)\): word perplexity "
               r"(?P<orig>[\d.]+) for the original and (?P<dist>[\d.]+) for the distilled model in memory and for its Hugging "
-              r"Face folder alike \(ratio (?P<ratio>[\d.]+);.*? multiple choice (?P<mc>[\d.]+) for all three", FID)
+              r"Face folder alike \(ratio (?P<ratio>[\d.]+)\), multiple choice (?P<mc>[\d.]+) for all three", FID)
     check(s, {"docs": ev["docs_per_task"], "ctx": ev["max_length"],
               "orig": ev["metrics"]["original"]["surgeon_pydoc_ppl"]["word_perplexity"],
               "dist": ev["metrics"]["surgered"]["surgeon_pydoc_ppl"]["word_perplexity"],
