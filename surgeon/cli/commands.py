@@ -123,6 +123,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(ReportGroup.from_dict(json.loads((directory / REPORT_FILE).read_text())))
         print()
         print(surgeon.core.persist.recipe_summary(directory))
+        from surgeon.costs.transformer_private import attention_costs_for_surgery  # issue 28: private costs
+
+        private = attention_costs_for_surgery(directory)
+        if private is not None:
+            print(f"\n{private}")
         return 0
     if (directory / "verify.json").is_file():
         print((directory / "verify.json").read_text())
