@@ -6,6 +6,9 @@
     surgeon report out/s
     surgeon demo
 
+Exit status: 0 done; 1 a check failed (``verify`` parity, a demo's check); 2 an input error, with a
+message naming the option or file to change (never a traceback).
+
 Example:
     >>> main(["report", "--help"])  # doctest: +SKIP
 """
@@ -22,18 +25,13 @@ import torch.nn as nn
 
 import surgeon
 import surgeon.export
+from surgeon.core.argtypes import fraction, non_negative_float, non_negative_int, one_of, positive_int, shape
 from surgeon.core.errors import ConfigError, SurgeonError
 from surgeon.models.registry import BUILTIN, load_surgery, resolve
 from surgeon.core.handler import config_class
 from surgeon.core.persist import REPORT_FILE, load_recipe
 from surgeon.core.report import ReportGroup
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 2,3,224,224, got {text!r}") from None
+from surgeon.export.manifest import ORT_LEVELS
 
 
 def _build_passes(names: list[str], configs: list[str]) -> list[surgeon.PassConfig]:
@@ -139,7 +137,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "efficientnet_lite0":
         from surgeon.cli.demo import run_demo
 
-        result = run_demo(args.out, min_fraction=args.min_fraction)
+        result = run_demo(args.out, min_fraction=args.min_fraction, results=args.results)
         return 0 if result["verify"]["passed"] else 1
     from surgeon.cli.demo_llm import run_llm_demo
 
@@ -157,38 +155,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=f"built-in {sorted(BUILTIN)} or package.module:factory")
     p.add_argument("--pass", dest="pass_names", action="append", required=True, help="pass name (repeatable)")
     p.add_argument("--config", dest="configs", action="append", help="JSON config, one per --pass, in order")
-    p.add_argument("--example-shape", type=_parse_shape, help="example input shape, e.g. 2,3,224,224")
+    p.add_argument("--example-shape", type=shape, help="example input shape, e.g. 2,3,224,224")
     p.add_argument("--out", required=True, help="directory for recipe.json + model.safetensors")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("export", help="export a saved surgery to ONNX")
     p.add_argument("surgery", help="directory written by `surgeon apply` / surgeon.save")
     p.add_argument("--out", required=True, help="ONNX output directory")
-    p.add_argument("--example-shape", type=_parse_shape)
+    p.add_argument("--example-shape", type=shape)
     p.add_argument("--overwrite", action="store_true", help="replace an export of a different model in --out")
-    p.add_argument("--ort-optimize", nargs="*", metavar="LEVEL",
+    p.add_argument("--ort-optimize", nargs="*", metavar="LEVEL", type=one_of(ORT_LEVELS, "onnxruntime level"),
                    help="check onnxruntime graph optimization levels (default: all of disabled basic extended "
                         "layout all) for parity and speed; record the fastest that keeps parity in the manifest")
     p.add_argument("--save-optimized", nargs="?", const=True, metavar="LEVEL",
+                   type=one_of(ORT_LEVELS, "onnxruntime level"),
                    help="also save the onnxruntime-optimized graphs (<graph>.ort-LEVEL.onnx; default level "
                         "extended: 'layout'/'all' may hold hardware-specific fused ops)")
-    p.add_argument("--ort-threads", type=int, help="onnxruntime threads for the level timings")
+    p.add_argument("--ort-threads", type=positive_int, help="onnxruntime threads for the level timings")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="check an ONNX export against PyTorch in onnxruntime")
     p.add_argument("onnx", help="ONNX export directory (with manifest.json)")
     p.add_argument("--model", required=True, help="saved surgery directory or a model name")
-    p.add_argument("--atol", type=float, default=None,
+    p.add_argument("--atol", type=non_negative_float, default=None,
                    help="explicit element bound |ort - torch| <= atol + rtol*|torch|, used exactly (default: "
                         "surgeon.export.DEFAULT_CRITERION, a bound scaled to each output + SNR + token checks)")
-    p.add_argument("--rtol", type=float, default=None, help="see --atol")
+    p.add_argument("--rtol", type=non_negative_float, default=None, help="see --atol")
     p.add_argument("--json", help="write the verification report here (JSON; LM exports also write a .md beside it)")
-    p.add_argument("--ort-level", help="onnxruntime graph optimization level for the check (default: the manifest's)")
+    p.add_argument("--ort-level", type=one_of(ORT_LEVELS, "onnxruntime level"), help="onnxruntime graph optimization level for the check (default: the manifest's)")
     p.add_argument("--ort-levels", action="store_true",
                    help="also check every onnxruntime graph optimization level (parity vs PyTorch, latency)")
     p.add_argument("--record-level", action="store_true",
                    help="with --ort-levels: record the fastest level that keeps parity in the manifest")
-    p.add_argument("--ort-threads", type=int, help="onnxruntime threads for the level timings")
+    p.add_argument("--ort-threads", type=positive_int, help="onnxruntime threads for the level timings")
     p.set_defaults(func=cmd_verify)
 
     from surgeon.distill.cli import add_parser as add_distill_parser  # accelerate/peft load only when run
@@ -202,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print the report of a saved surgery (or --linearity MODEL: per-block linearity)")
     p.add_argument("directory", nargs="?")
     p.add_argument("--linearity", metavar="MODEL", help="print (and --plot) the R² of each block's best linear map")
-    p.add_argument("--chunks", type=int, default=16, help="--linearity: calibration sequences")
-    p.add_argument("--seq-len", type=int, default=128, help="--linearity: tokens per sequence")
+    p.add_argument("--chunks", type=positive_int, default=16, help="--linearity: calibration sequences")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="--linearity: tokens per sequence")
     p.add_argument("--plot", help="--linearity: write a PNG here")
     p.add_argument("--json", help="--linearity: write the report as JSON here")
     p.set_defaults(func=cmd_report)
@@ -212,23 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(--model efficientnet_lite0: the ReLU pipeline to a verified ONNX graph)")
     p.add_argument("--model", choices=["smollm2", "efficientnet_lite0"], default="smollm2")
     p.add_argument("--out", default="out/demo")
-    p.add_argument("--window", type=int, default=64, help="smollm2: softmax window of the hybrid attention")
+    p.add_argument("--window", type=non_negative_int, default=64, help="smollm2: softmax window of the hybrid attention")
     p.add_argument("--feature-map", default="hedgehog", choices=["elu1", "relu", "hedgehog", "taylor2"])
-    p.add_argument("--sinks", type=int, default=4, help="smollm2: attention-sink tokens kept as exact softmax")
-    p.add_argument("--distill-minutes", type=float, default=8.0,
+    p.add_argument("--sinks", type=non_negative_int, default=4, help="smollm2: attention-sink tokens kept as exact softmax")
+    p.add_argument("--distill-minutes", type=non_negative_float, default=8.0,
                    help="smollm2: budget of the quick distillation (attention transfer + LoRA), ppl before/after")
     p.add_argument("--no-distill", action="store_true", help="smollm2: skip the distillation step (fast demo)")
     p.add_argument("--no-export", action="store_true",
                    help="smollm2: skip ONNX export + onnxruntime verification and generation (saves minutes)")
-    p.add_argument("--min-fraction", type=float, default=0.95,
+    p.add_argument("--min-fraction", type=fraction, default=0.95,
                    help="efficientnet_lite0: linearize channels whose ReLU6 is linear on at least this fraction "
                         "of calibration data")
+    p.add_argument("--results", metavar="JSON",
+                   help="efficientnet_lite0: also write the result with its provenance here "
+                        "(benchmarks/results/demo_efficientnet.json)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one verb. Exit status: 0 done, 1 a check failed (parity, demo), 2 an input error (the message says
+    which option or file to change; argparse's own errors exit 2 too)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:                 # argparse: --help (0) or a bad option value (2), message printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except SurgeonError as e:

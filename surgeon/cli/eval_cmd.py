@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from surgeon.core.argtypes import positive_int
 from surgeon.core.errors import ConfigError
 
 DEFAULT_TASKS = "surgeon_pydoc_ppl,surgeon_python_mc,surgeon_python_gen"
@@ -72,9 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default=DEFAULT_TASKS,
                    help="comma list: local tasks (surgeon_pydoc_ppl, surgeon_python_mc, surgeon_python_gen) or "
                         "standard lm-eval task names whose data you have")
-    p.add_argument("--limit", type=int, help="documents per task (default: all)")
-    p.add_argument("--max-length", type=int, default=2048, help="context of every route (perplexity windows)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size of the in-memory / hf routes")
+    p.add_argument("--limit", type=positive_int, help="documents per task (default: all)")
+    p.add_argument("--max-length", type=positive_int, default=2048, help="context of every route (perplexity windows)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the in-memory / hf routes")
     p.add_argument("--include-path", action="append", help="extra folder of lm-eval task YAMLs (repeatable)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the built-in model's own)")
     p.set_defaults(func=cmd_eval)

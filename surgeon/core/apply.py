@@ -51,6 +51,68 @@ def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
     raise ConfigError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
+def _expects(module: nn.Module) -> str:
+    """What ``module`` takes, in words (the shape a wrongly shaped input should have had)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        dims = ", ".join(["N", str(module.in_channels)] + ["*"] * len(module.kernel_size))
+        return f"{module.in_channels} input channels: ({dims})"
+    if isinstance(module, nn.Linear):
+        return f"a last dimension of {module.in_features}: (..., {module.in_features})"
+    if isinstance(module, nn.Embedding):
+        return f"integer token ids in [0, {module.num_embeddings})"
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return f"{module.num_features} channels: (N, {module.num_features}, ...)"
+    if isinstance(module, nn.LayerNorm):
+        return f"trailing dimensions {tuple(module.normalized_shape)}"
+    return "inputs of another shape or dtype"
+
+
+def _describe(inputs: tuple[Any, ...]) -> str:
+    return ", ".join(f"input {i}: {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor)
+                     else f"input {i}: {type(x).__name__}" for i, x in enumerate(inputs))
+
+
+def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """Run ``model`` once on ``inputs`` (eval mode, ``no_grad``; modes and buffers left as they were); if it
+    fails, a :class:`ConfigError` names the module that refused them and what that module takes."""
+    names = {m: n or type(model).__name__ for n, m in model.named_modules()}
+    stack: list[nn.Module] = []
+    hooks = [h for m in names for h in (m.register_forward_pre_hook(lambda m, a: stack.append(m)),
+                                        m.register_forward_hook(lambda m, a, o: (stack.pop(), None)[1]))]
+    modes = {m: m.training for m in names}
+    buffers = _buffers(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    except SurgeonError:
+        raise
+    except Exception as e:                       # the module that was running when it failed: stack[-1]
+        where = stack[-1] if stack else model
+        raise ConfigError(f"example_inputs do not fit the model ({_describe(inputs)}): module {names[where]!r} "
+                           f"({type(where).__name__}) expects {_expects(where)} and raised {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:300]}. Pass example_inputs shaped as the model takes them; "
+                           "the model was not changed") from e
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+        _restore_buffers(model, buffers)
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_buffers()}
+
+
+def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back buffers (BatchNorm statistics) a failed forward in training mode may have updated."""
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            if k in saved and v.shape == saved[k].shape:
+                v.copy_(saved[k])
+
+
 def _summary(before: ModelCosts, after: ModelCosts) -> Report:
     rows = []
     for key in ("params", "macs", "relu_count", "relu_sites"):
@@ -97,6 +159,8 @@ def apply(
     recipe = copy.deepcopy(previous.recipe) if previous else Recipe(base=fingerprint(model))
     if recipe.example_inputs is None:
         recipe.example_inputs = describe_inputs(inputs)
+    if inputs is not None and previous is None:
+        _check_inputs(model, inputs)
     before = previous.costs_before if previous else measure(model, inputs)
     history = list(previous.history) if previous else []
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import safetensors.torch
 
+from surgeon.core.argtypes import non_negative_int, positive_float, positive_int
 from surgeon.core.errors import ConfigError
 from surgeon.core.persist import load_recipe
 from surgeon.distill.api import distill
@@ -34,19 +35,19 @@ def add_parser(sub) -> None:
                    ".txt file / folder of .txt files")
     p.add_argument("--config", default="{}", help="DistillConfig as JSON; the flags below override it")
     p.add_argument("--stages", choices=["both", "transfer", "lora"], default=None)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--transfer-steps", type=int)
+    p.add_argument("--seq-len", type=positive_int)
+    p.add_argument("--transfer-steps", type=non_negative_int)
     p.add_argument("--transfer-mode", choices=["layer", "block", "joint"])
-    p.add_argument("--lora-steps", type=int)
+    p.add_argument("--lora-steps", type=non_negative_int)
     p.add_argument("--stage2", choices=STAGE2_RECIPES,
                    help="what stage 2 trains: LoRA adapters (default) or only the linear branch (no original weight "
                         "changes, so prompts within the window stay exact)")
-    p.add_argument("--keep-softmax", type=int)
+    p.add_argument("--keep-softmax", type=non_negative_int)
     p.add_argument("--mixed-precision", choices=["no", "bf16"])
-    p.add_argument("--minutes", type=float, help="wall-clock budget per stage")
+    p.add_argument("--minutes", type=positive_float, help="wall-clock budget per stage")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--eval", action="store_true", help="evaluate against the base model (perplexity, probes)")
-    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--eval-windows", type=positive_int, default=8)
     p.set_defaults(func=cmd_distill)
 
 

@@ -138,11 +138,19 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 # -- packing ---------------------------------------------------------------------------------------
+def _integer_ids(t: torch.Tensor, what: str) -> None:
+    """Token ids are integers: a float / bool / complex tensor is refused, never truncated to ids."""
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ConfigError(f"{what} has dtype {t.dtype}; token ids must be an integer tensor (torch.long): pass "
+                          "tokenizer output, or texts with tokenizer=... (a float tensor would be truncated to ids)")
+
+
 def _as_id_lists(data: Any, tokenizer: Any) -> list[list[int]]:
     if isinstance(data, str):
         raise ConfigError("data is a single string: pass a list of texts (e.g. [text]) or a built-in source "
                           "name ('pydoc', 'teacher')")
     if isinstance(data, torch.Tensor):
+        _integer_ids(data, "token tensor data")
         if data.dim() == 1:
             return [data.tolist()]
         if data.dim() == 2:
@@ -156,10 +164,11 @@ def _as_id_lists(data: Any, tokenizer: Any) -> list[list[int]]:
                                   "or token ids")
             docs.append(tokenizer(item, add_special_tokens=False)["input_ids"])
         elif isinstance(item, torch.Tensor):
+            _integer_ids(item, f"data item {i}")
             if item.dim() > 2:
                 raise ConfigError(f"data item {i}: token tensor of shape {tuple(item.shape)}; expected 1-D or 2-D")
             docs.extend([item.tolist()] if item.dim() == 1 else [r.tolist() for r in item])
-        elif isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
+        elif isinstance(item, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
             docs.append(list(item))
         elif isinstance(item, dict) and "input_ids" in item:
             docs.extend(_as_id_lists([item["input_ids"]], tokenizer))

@@ -118,6 +118,14 @@ def _eval_mode(models: list[nn.Module]):
 
 
 def held_out_windows(tokenizer: Any, context: int, n_windows: int, data: Any = None) -> torch.Tensor:
+    """``n_windows`` windows of ``context`` tokens of held-out text (default: pydoc's held-out topics).
+
+    Asking for more windows than the text holds is an error that says how many there are (never fewer
+    windows silently).
+    """
+    for name, value in (("context", context), ("n_windows", n_windows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"held_out_windows: {name} must be an int >= 1, got {value!r}")
     if data is None or (isinstance(data, str) and data == "pydoc"):
         if tokenizer is None:
             raise ConfigError("evaluation on the held-out pydoc text needs tokenizer=...; or pass data= token ids")
@@ -126,6 +134,10 @@ def held_out_windows(tokenizer: Any, context: int, n_windows: int, data: Any = N
         ids = data
     else:
         ids = pack(data, context, tokenizer, what="evaluation data")
+    if n_windows > ids.shape[0]:
+        source = "the held-out pydoc text" if data is None or isinstance(data, str) else "the evaluation data"
+        raise ConfigError(f"held_out_windows: {n_windows} windows of {context} tokens asked for, but {source} holds "
+                          f"{ids.shape[0]}; ask for at most {ids.shape[0]}, use a shorter context, or pass more text")
     return ids[:n_windows]
 
 

@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -144,11 +145,53 @@ def retrieval_scores(model: nn.Module, trials: list[tuple[torch.Tensor, int]], w
     return scores
 
 
-def plan_memory(retrieval: dict[int, float], slots: int, boost: float = 2.5, threshold: float = 0.5) -> list[int]:
+_SCORES_FORM = ("a dict {layer: score} (int or int-like string keys, e.g. from JSON; -1: none exact), a "
+                "per-layer list or 1-D tensor of scores, or retrieval_heads' (layers, heads) tensor (best head "
+                "per layer)")
+
+
+def _score(value: Any, where: str) -> float:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().double().amax() if value.numel() else None   # a layer's heads: the best one
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        value = max(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or not math.isfinite(float(value)):
+        raise ConfigError(f"plan_memory: the score of {where} is {value!r}; expected a finite number. Pass "
+                          f"{_SCORES_FORM}")
+    return float(value)
+
+
+def _layer_scores(retrieval: Any) -> dict[int, float]:
+    """``retrieval`` in any of the accepted forms as ``{layer: score}``."""
+    if isinstance(retrieval, torch.Tensor):
+        if retrieval.dim() not in (1, 2) or retrieval.numel() == 0:
+            raise ConfigError(f"plan_memory: a tensor of retrieval scores of shape {tuple(retrieval.shape)}; "
+                              f"expected {_SCORES_FORM}")
+        retrieval = list(retrieval)
+    if isinstance(retrieval, (list, tuple)):
+        return {i: _score(v, f"layer {i}") for i, v in enumerate(retrieval)}
+    if not isinstance(retrieval, dict):
+        raise ConfigError(f"plan_memory: retrieval is a {type(retrieval).__name__}; expected {_SCORES_FORM}")
+    scores: dict[int, float] = {}
+    for key, value in retrieval.items():
+        try:
+            layer = int(key) if isinstance(key, str) else key
+        except ValueError:
+            layer = None
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ConfigError(f"plan_memory: retrieval key {key!r} is not a layer index; expected {_SCORES_FORM}")
+        if layer in scores:
+            raise ConfigError(f"plan_memory: layer {layer} appears twice in the retrieval keys ({key!r})")
+        scores[layer] = _score(value, f"layer {key!r}")
+    return scores
+
+
+def plan_memory(retrieval: dict[int, float] | list[float] | torch.Tensor, slots: int, boost: float = 2.5, threshold: float = 0.5) -> list[int]:
     """Memory slots per linearized layer (in layer order) holding the state of ``slots`` in every layer, with
     more where recall is made: the retrieval layers.
 
-    ``retrieval[layer]``: how much a layer does for recall beyond the window, either
+    ``retrieval[layer]``: how much a layer does for recall beyond the window (a dict, possibly with the
+    string keys JSON gives; a per-layer list or tensor; or retrieval_heads' (layers, heads) tensor), either
     :func:`~surgeon.distill.retrieval.retrieval_heads`' attention mass (its best head) or
     :func:`measure_retrieval`'s recall with the layer alone exact (its ``-1`` entry, none exact, is then
     subtracted). Layers within ``threshold`` of the best are retrieval layers: the best gets ``boost × slots``,
@@ -160,6 +203,7 @@ def plan_memory(retrieval: dict[int, float], slots: int, boost: float = 2.5, thr
         >>> plan_memory({0: 0.1, 1: 0.8, 2: 0.6, 3: 0.2}, slots=8, boost=2.0)
         [1, 16, 14, 1]
     """
+    retrieval = _layer_scores(retrieval)
     layers = sorted(k for k in retrieval if k >= 0)
     if not layers:
         raise ConfigError("plan_memory: no layer in the retrieval scores; pass retrieval_heads' or "
