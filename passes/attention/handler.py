@@ -15,6 +15,8 @@ Example:
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch.nn as nn
 
 from surgeon.core.errors import ConfigError, PlanError
@@ -77,7 +79,10 @@ class LinearizeAttentionHandler(PassHandler):
     """Module swap for attention modules with q/k/v projections; FX rewrite for hand-written attention."""
 
     def plan(self, model: nn.Module, config: LinearizeAttention, ctx: PassContext) -> Plan:
-        found = find_attention_modules(model)
+        try:
+            found = find_attention_modules(model)
+        except ConfigError as refusal:   # e.g. queries packed with an output gate: the model's own code applies it
+            return self._plan_kernel(model, config, ctx, refusal)
         done = linearized_modules(model)
         if done and not found:
             raise PlanError(f"{type(model).__name__} is already linearized: {len(done)} LinearAttention modules "
@@ -85,11 +90,11 @@ class LinearizeAttentionHandler(PassHandler):
                             "original model instead")
         if not found and is_transformers_module(unwrap_peft(model)):
             attention_like = sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()})
-            raise PlanError(
+            return self._plan_kernel(model, config, ctx, PlanError(
                 f"no attention module with a known q/k/v layout in {type(model).__name__}: looked for children "
                 f"{[names[0] + '/' + names[1] + '/' + names[2] for names in SEPARATE_QKV]} or a fused {list(FUSED_QKV)} "
                 f"projection. Attention-like modules found: {attention_like or 'none'}; module types: "
-                f"{module_types(model)}. Select a module with a standard layout, or open an issue with this message.")
+                f"{module_types(model)}. Select a module with a standard layout, or open an issue with this message."))
         if not found:
             return self._plan_fx(model, config, ctx)
         sites = []
@@ -101,8 +106,11 @@ class LinearizeAttentionHandler(PassHandler):
                               what="attention module", narrow=lambda s: self._select_layers(s, config))
         layouts = dict(found)
         picked = [(s.name, layouts[s.name]) for s in chosen]
-        corrected, unverified = check_modules(model, picked, config.window, verify=True,
-                                              layer_of={s.name: s.data["layer"] for s in chosen})
+        try:
+            corrected, unverified = check_modules(model, picked, config.window, verify=True,
+                                                  layer_of={s.name: s.data["layer"] for s in chosen})
+        except ConfigError as refusal:   # a feature the swapped module would drop: convert at the kernel instead
+            return self._plan_kernel(model, config, ctx, refusal)
         layouts.update(corrected)
         _check_against_model(model, config, [(s.name, layouts[s.name]) for s in chosen])
         return Plan(chosen, state={"layouts": {s.name: layouts[s.name] for s in chosen}, "unverified": unverified})
@@ -135,6 +143,20 @@ class LinearizeAttentionHandler(PassHandler):
             trained.append("learned gates")
         return ", ".join(trained) + " are trained by distillation" if trained else None
 
+    def _plan_kernel(self, model: nn.Module, config: LinearizeAttention, ctx: PassContext,
+                     refusal: Exception) -> Plan:
+        """Convert at the attention kernel (the module keeps its own code); ``refusal`` stands when no module
+        calls transformers' attention registry."""
+        from surgeon.passes.attention.kernel_plan import plan_kernel
+
+        try:
+            plan = plan_kernel(model, config, ctx, lambda s: self._select_layers(s, config))
+        except PlanError as kernel:
+            raise type(refusal)(f"{refusal}\n(at the attention kernel: {kernel})") from None
+        _check_against_model(model, config, [(s.name, SimpleNamespace(causal=plan.state["kernel"][s.name]["causal"]))
+                                             for s in plan.sites])
+        return plan
+
     def _plan_fx(self, model: nn.Module, config: LinearizeAttention, ctx: PassContext) -> Plan:
         from surgeon.passes.attention.fx import plan_fx_attention
 
@@ -147,6 +169,10 @@ class LinearizeAttentionHandler(PassHandler):
             from surgeon.passes.attention.fx import rewrite_fx_attention
 
             return rewrite_fx_attention(model, config, plan, ctx)
+        if plan.state.get("kernel"):
+            from surgeon.passes.attention.kernel_plan import rewrite_kernel
+
+            return rewrite_kernel(model, config, plan)
         from surgeon.passes.attention.memory_slots import apply_memory_plan
         from surgeon.passes.attention.module import LinearAttention
 
@@ -171,6 +197,10 @@ class LinearizeAttentionHandler(PassHandler):
             from surgeon.passes.attention.fx import report_fx_attention
 
             return report_fx_attention(model, config, plan, ctx)
+        if plan.state.get("kernel"):
+            from surgeon.passes.attention.kernel_plan import report_kernel
+
+            return report_kernel(model, config, plan)
         rows, shapes = [], []
         for site in plan.sites:
             unit = get_submodule(model, site.name)

@@ -56,6 +56,11 @@ def _inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A short synthetic input for ``model`` (token ids or an image), or None when none can be built."""
+    return _inputs(model)
+
+
 def _record(model: nn.Module, found: list[tuple[str, AttentionLayout]], inputs: dict) -> dict[str, tuple]:
     calls: dict[str, tuple] = {}
     hooks = []
