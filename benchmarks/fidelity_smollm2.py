@@ -18,6 +18,7 @@ strongest baseline and the best eviction split; ``test`` scores the picked ones 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=192, help="memory slots per layer on average (planned)")
     ap.add_argument("--needle-contexts", default="2048,4096")
     ap.add_argument("--needle-keys", type=int, default=2, help="passkeys per haystack and depth")
+    ap.add_argument("--needle-seeds", default="0", help="passkey seeds (each adds haystacks × depths × keys trials)")
     ap.add_argument("--shares", default="0.5", help="heavy-hitter shares of the room beyond the sinks (validation grid)")
     ap.add_argument("--needle-configs", default="student + slots,@slots",
                     help="configurations in the needle stage (@slots: the strongest baseline at that level)")
@@ -210,18 +212,19 @@ def main() -> None:
     if args.stage in ("needle", "all"):
         names = [chosen.get(c, c) for c in args.needle_configs.split(",")]
         seen = {(r["config"], r["trial"]) for r in needle_rows}
-        for context in map(int, args.needle_contexts.split(",")):
-            trials = make_needles(tok, "test", context, keys_per_cell=args.needle_keys)
+        for context, seed in itertools.product(map(int, args.needle_contexts.split(",")),
+                                               map(int, args.needle_seeds.split(","))):
+            trials = make_needles(tok, "test", context, keys_per_cell=args.needle_keys, seed=seed)
             for t, (ids, start, info) in enumerate(trials):
-                tid = f"test/{context}/{t}"
+                tid = f"test/{context}/{t}" if seed == 0 else f"test/{context}/s{seed}/{t}"
                 if all((c, tid) in seen for c in names):
                     continue
                 orig = needle_hit(original, ids, start)
                 for c in names:
                     if (c, tid) in seen:
                         continue
-                    row = {"config": c, "trial": tid, "context": context, "hit": needle_hit(runner(candidates[c][1]),
-                           ids, start), "orig_hit": orig, **info}
+                    row = {"config": c, "trial": tid, "context": context, "seed": seed, "orig_hit": orig,
+                           "hit": needle_hit(runner(candidates[c][1]), ids, start), **info}
                     needle_rows.append(row)
                     with needle_rows_file.open("a") as f:
                         f.write(json.dumps(row) + "\n")
