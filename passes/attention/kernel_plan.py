@@ -17,7 +17,8 @@ Example:
     ...                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
     ...                                 num_local_experts=2, num_experts_per_tok=1)
     >>> calls = probe_calls(transformers.GptOssForCausalLM(cfg))
-    >>> sorted(calls), sorted(k for k, v in calls["model.layers.0.self_attn"]["kwargs"].items() if v is not None)
+    >>> kwargs = calls["model.layers.0.self_attn"]["kwargs"]
+    >>> sorted(calls), sorted(k for k in kwargs if k in UNDERSTOOD and kwargs[k] is not None)
     (['model.layers.0.self_attn', 'model.layers.1.self_attn'], ['dropout', 's_aux', 'scaling', 'sliding_window'])
 """
 from __future__ import annotations

@@ -43,6 +43,8 @@ def _build(name: str, **kw) -> torch.nn.Module:
         "llama4_text": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM),
         "gptj": (transformers.GPTJConfig, transformers.GPTJForCausalLM),
         "codegen": (transformers.CodeGenConfig, transformers.CodeGenForCausalLM),
+        "diffllama": (transformers.DiffLlamaConfig, transformers.DiffLlamaForCausalLM),
+        "bitnet": (transformers.BitNetConfig, transformers.BitNetForCausalLM),
     }[name]
     extra = {"gpt_oss": MOE, "qwen3_next": dict(MOE, layer_types=["linear_attention", "full_attention"]),
              "deepseek_v2": MLA, "deepseek_v3": MLA, "llama4_text": MOE, "gptj": dict(rotary_dim=4),
@@ -135,7 +137,7 @@ def test_softcap_and_learned_sinks_match_a_dense_float64_reference():
 
 # -- families converted at the kernel (fast sample; the rest in the slow suite) --------------------------
 FAST = ["gemma2", "gpt_oss", "deepseek_v2"]
-SLOW = ["gpt_neox", "qwen3_next", "gemma4_text", "llama4_text", "deepseek_v3", "gptj", "codegen"]
+SLOW = ["gpt_neox", "qwen3_next", "gemma4_text", "llama4_text", "deepseek_v3", "gptj", "codegen", "diffllama", "bitnet"]
 
 
 @pytest.mark.parametrize("family", FAST)
