@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from surgeon.core.errors import ConfigError
-from surgeon.ops.linear_attention.sinks import SinkState, check_sink_state, gather_tokens, sink_candidates
+from surgeon.ops.linear_attention.sinks import (SinkState, all_filled, check_sink_state, gather_tokens,
+                                               sink_candidates)
 
 FeatureFn = Callable[[Tensor], Tensor]
 
@@ -83,7 +84,8 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k: Fe
     sink_state = check_sink_state(sink_state, sinks, k, v)
     is_sink = index = is_cand = None
     linear_key = valid
-    if sinks > 0:
+    settled = sinks > 0 and all_filled(sink_state[2])   # every slot filled: no new token is a sink
+    if sinks > 0 and not settled:
         is_sink, index, is_cand = sink_candidates(valid, sink_state[2].long().sum(-1), sinks)
         linear_key = valid & ~is_sink                    # sink tokens are never folded into the state
     fk = fk * linear_key[:, None, :, None].to(dtype)
@@ -95,7 +97,10 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k: Fe
         log_decay=_check_log_decay(log_decay, (B, H, T), Fdim, dtype),
         scale=float(scale), window=window, eps=float(eps), out_dtype=q.dtype, fresh=state is None,
     )
-    if sinks > 0:
+    if settled:                                           # the cached slots only, all visible
+        x.sink_k, x.sink_v = sink_state[0].to(x.k.dtype), sink_state[1].to(x.v.dtype)
+        x.sink_visible = sink_state[2][:, None, None, :].expand(-1, -1, T, -1)
+    elif sinks > 0:
         _attach_sinks(x, sink_state, index, is_cand)
     if memory_state is not None:
         from surgeon.ops.linear_attention.memory import check_memory_state   # memory builds on this module

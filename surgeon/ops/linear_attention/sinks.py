@@ -53,6 +53,15 @@ def check_sink_state(state: SinkState | None, sinks: int, keys: Tensor, values: 
     return sk, sv, ok.to(device=keys.device, dtype=torch.bool)
 
 
+def all_filled(sink_valid: Tensor) -> bool:
+    """Every sink slot of every row is filled (no token can become a sink any more): the decode steps of a
+    long generation skip the candidate search. Always False while a graph is captured (no data-dependent
+    branch there)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    return bool(sink_valid.all())
+
+
 def sink_candidates(valid: Tensor, filled: Tensor, sinks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Which of the past + current tokens are sinks: the valid ones whose rank (after ``filled`` cached sinks) < k.
 
@@ -82,7 +91,7 @@ def update_sinks(sinks: int, window: int, state: SinkState | None, keys: Tensor,
     past + current) fill the next free slots in order.
     """
     sk, sv, ok = check_sink_state(state, sinks, keys, values)
-    if sinks == 0:
+    if sinks == 0 or all_filled(ok):
         return sk, sv, ok
     B, _, N, _ = keys.shape
     valid = torch.ones(B, N, dtype=torch.bool, device=keys.device) if key_mask is None else key_mask.bool()
