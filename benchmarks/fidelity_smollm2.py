@@ -244,8 +244,8 @@ def write(args, rows, needle_rows, candidates, chosen, plan, kv_scores) -> None:
         table.append([split, context, kind, c, f"{candidates[c][0] / 2**20:.2f}", s["n"], _fmt(s["top1"], s["top1_ci"]),
                       _fmt(s["greedy"], s["greedy_ci"]), f"{s['first_divergence']:.1f}", f"{s['kl']:.3f}",
                       _fmt(s["ppl_ratio"], s["ppl_ratio_ci"])])
-    print(format_table(["split", "ctx", "kind", "config", "MiB", "n", "top-1", "greedy", "1st div", "KL", "ppl ratio"],
-                       table))
+    columns = ["split", "ctx", "kind", "config", "MiB", "n", "top-1", "greedy", "1st div", "KL", "ppl ratio"]
+    print(format_table(columns, [dict(zip(columns, row)) for row in table]))
     comparisons = {}
     for tag, base in chosen.items():
         level = "" if tag == "@student" else " + slots"
