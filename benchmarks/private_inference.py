@@ -168,7 +168,8 @@ def combine_cnn(manifest: dict, engine: dict) -> list[dict]:
     arch_pbs = fhe_pbs_estimate(DigitsResNet(width=manifest["width"]), torch.zeros(1, 1, 8, 8))["pbs"]
     rows = []
     for m in manifest["models"]:
-        m = {"fhe_pbs_estimate": arch_pbs, **m}   # the estimate reads conv / pool / add nodes only: masks do not move it
+        if not m.get("expect_refusal"):
+            m = {"fhe_pbs_estimate": arch_pbs, **m}   # the estimate reads conv / pool / add nodes only
         e = by_name.get(m["name"], {})
         row = {**m, **{f"engine_{k}": v for k, v in e.items() if k not in ("name", "executions")}}
         if e.get("executions"):
@@ -277,6 +278,15 @@ def main() -> None:
         engine = {"skipped": True}
     elif args.reuse and (workdir / "engine.json").is_file():
         engine = json.loads((workdir / "engine.json").read_text())
+        if (workdir / "engine_exec.json").is_file():   # encrypted runs made in a second, separate engine call
+            runs = json.loads((workdir / "engine_exec.json").read_text())
+            engine["execution_call"] = {k: v for k, v in runs.items() if k != "models"}
+            done = {m["name"]: m for m in runs["models"] if m.get("executions")}
+            for m in engine["models"]:
+                if m["name"] in done:
+                    m.update({k: v for k, v in done[m["name"]].items() if k.startswith(("execut", "encrypted", "keygen"))
+                              or k == "pbs_execution_compile"})
+                    m["pbs_execution_compile"] = done[m["name"]]["pbs"]
     else:
         engine = run_engine(workdir, args)
     cnn_rows = combine_cnn(manifest, engine)
