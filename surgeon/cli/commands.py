@@ -142,7 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from surgeon.cli.demo_llm import run_llm_demo
 
     result = run_llm_demo(args.out, window=args.window, feature_map=args.feature_map, sinks=args.sinks,
-                          distill_minutes=0.0 if args.no_distill else args.distill_minutes,
+                          feature_dim=args.feature_dim, distill_minutes=0.0 if args.no_distill else args.distill_minutes,
                           export=not args.no_export)
     return 0 if result["passed"] else 1
 
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(--model efficientnet_lite0: the ReLU pipeline to a verified ONNX graph)")
     p.add_argument("--model", choices=["smollm2", "efficientnet_lite0"], default="smollm2")
     p.add_argument("--out", default="out/demo")
-    p.add_argument("--window", type=non_negative_int, default=64, help="smollm2: softmax window of the hybrid attention")
+    p.add_argument("--window", type=non_negative_int, default=128, help="smollm2: softmax window of the hybrid attention")
+    p.add_argument("--feature-dim", type=positive_int, default=16, help="smollm2: hedgehog features per head (×2)")
     p.add_argument("--feature-map", default="hedgehog", choices=["elu1", "relu", "hedgehog", "taylor2"])
     p.add_argument("--sinks", type=non_negative_int, default=4, help="smollm2: attention-sink tokens kept as exact softmax")
     p.add_argument("--distill-minutes", type=non_negative_float, default=8.0,

@@ -1,7 +1,10 @@
-"""The default demo: SmolLM2-135M-Instruct with every attention layer linearized (hedgehog + 4 sinks + window 64).
+"""The default demo: SmolLM2-135M-Instruct with every attention layer linearized (hedgehog with 16 features
+per head + 4 sinks + window 128: the configuration of benchmarks/fidelity_smollm2.py's student).
 
-load → answer a long prompt (a held-out passage of a few hundred tokens + a question, so most of
-the attention goes through the linear branch) → LinearizeAttention on all 30 layers → report
+load → answer a long prompt (a held-out passage of over 1,024 tokens + a question, so most of the attention
+goes through the linear branch) → the strongest zero-training baseline at the converted model's decode-state
+bytes answers too (the original keeping 4 sinks + a window + heavy hitters by attention received, H2O; the
+strongest on the fidelity benchmark's validation prompts) → LinearizeAttention on all 30 layers → report
 (attention FLOPs and decode state vs. the softmax KV cache at 1 K / 8 K / 32 K) → answer again →
 quick distillation (perplexity before / after, agreement on prompts shorter than the window) → save
 the surgery → prefill/decode ONNX graphs (traced in a background process while distillation runs, then
@@ -32,8 +35,8 @@ from surgeon.passes import LinearizeAttention
 QUESTION = "Summarize the passage above in one or two sentences."
 
 
-def long_prompt(chars: int = 1400) -> str:
-    """A held-out pydoc passage (never trained on) of a few hundred tokens, then the question."""
+def long_prompt(chars: int = 4200) -> str:
+    """A held-out pydoc passage (never trained on) of over 1,024 tokens, then the question."""
     from surgeon.distill.data import pydoc_texts
 
     passage = max(pydoc_texts("held_out"), key=len)[:chars]
@@ -106,9 +109,29 @@ def _deploy(model, tokenizer, out: Path, prompt: str, max_new_tokens: int, log, 
             "text": text, "seconds": round(seconds, 2)}
 
 
-def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map: str = "hedgehog",
+def equal_bytes_baseline(model, surgery, tokenizer, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """The original model answering with an exact-token decode state of the converted model's bytes: 4 sinks,
+    then half the room as a window and half as heavy hitters (H2O)."""
+    from surgeon.export.stateful_lm import StateLayout
+    from surgeon.fidelity import ExactTokenModel, ExactTokenPolicy
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token_head = 2 * head_dim * 4 * cfg.num_hidden_layers * cfg.num_key_value_heads
+    state = StateLayout.of(surgery.model).state_bytes(batch=1)
+    room = state // per_token_head - 4
+    policy = ExactTokenPolicy(sinks=4, window=room - room // 2, heavy=room // 2, score="h2o")
+    start = time.perf_counter()
+    tokens = ExactTokenModel(model, policy).generate(_ids(tokenizer, prompt)["input_ids"], max_new_tokens,
+                                                     eos_token_id=tokenizer.eos_token_id)
+    return {"text": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "tokens": tokens,
+            "seconds": round(time.perf_counter() - start, 2), "policy": policy.name,
+            "state_bytes": policy.state_bytes(cfg), "converted_state_bytes": state}
+
+
+def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 128, feature_map: str = "hedgehog",
                  max_new_tokens: int = 32, show: bool = True, distill_minutes: float = 0.0,
-                 export: bool = False, sinks: int = 4) -> dict[str, Any]:
+                 export: bool = False, sinks: int = 4, feature_dim: int | None = 16) -> dict[str, Any]:
     """Run the LLM pipeline, write ``demo.json`` + the saved surgery under ``out_dir``, return a summary.
 
     ``distill_minutes`` > 0 adds the quick distillation; ``export`` adds ONNX export, onnxruntime
@@ -118,7 +141,7 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda msg: tqdm.write(msg)) if show else (lambda msg: None)
-    steps = tqdm(total=5 + (distill_minutes > 0) + export, desc="surgeon demo (SmolLM2-135M)", unit="step",
+    steps = tqdm(total=6 + (distill_minutes > 0) + export, desc="surgeon demo (SmolLM2-135M)", unit="step",
                  disable=not show)
     prompt = long_prompt()
 
@@ -136,8 +159,17 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
     steps.update()
 
     steps.set_postfix_str("LinearizeAttention")
-    surgery = surgeon.apply(model, LinearizeAttention(feature_map=feature_map, window=window, sinks=sinks))
+    # 16 features make φ(q)·φ(k) large: λ starts at 1e-6 (as the benchmark's student) so the untrained hybrid is
+    # sinks + window, not an untrained linear branch summed over a thousand keys
+    hedgehog = {"feature_dim": feature_dim, "linear_weight_init": 1e-6} if feature_map == "hedgehog" else {}
+    surgery = surgeon.apply(model, LinearizeAttention(feature_map=feature_map, window=window, sinks=sinks,
+                                                      **hedgehog))
     surgery.recipe.source = {"model": "smollm2"}
+    steps.update()
+
+    steps.set_postfix_str("generate (equal-bytes baseline)")
+    baseline = equal_bytes_baseline(model, surgery, tokenizer, prompt, max_new_tokens)
+    answers[f"baseline ({baseline['policy']})"] = {k: baseline[k] for k in ("text", "tokens", "seconds")}
     steps.update()
 
     background = None
@@ -194,6 +226,7 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
         "prompt": prompt, "prompt_tokens": n_prompt,
         "linear_fraction": round(linear_fraction(n_prompt, window, sinks), 4),
         "answers": answers,
+        "equal_bytes_baseline": {k: v for k, v in baseline.items() if k not in ("text", "tokens", "seconds")},
         "distill": distilled,
         "onnx": deployed,
         "passed": deployed is None or bool(deployed["verify_passed"]),
@@ -207,8 +240,11 @@ def run_llm_demo(out_dir: str | Path = "out/demo", window: int = 64, feature_map
               f"({100 * result['params_added'] / sum(p.numel() for p in model.parameters()):.2f}% of the model)")
         print(f"\nprompt: {n_prompt} tokens (a held-out passage + {QUESTION!r}); window {window} + {sinks} sinks: "
               f"{result['linear_fraction']:.0%} of its attention pairs go through the linear branch")
+        print(f"agreement: the fraction of the original answer's {len(reference)} tokens matched position by position; "
+              f"the baseline keeps {baseline['state_bytes'] / 2**20:.2f} MiB of exact tokens, the converted model's "
+              f"decode state is {baseline['converted_state_bytes'] / 2**20:.2f} MiB")
         for name, a in answers.items():
-            print(f"{name:<20} agreement {a['agreement']:>5.0%}  ({a['seconds']:.1f} s): {a['text']!r}")
+            print(f"{name:<44} agreement {a['agreement']:>5.0%}  ({a['seconds']:.1f} s): {a['text']!r}")
         if distilled:
             print(f"held-out perplexity @{distilled['context']}: original {distilled['teacher_ppl']:.2f}, linearized "
                   f"{distilled['before_ppl']:.2f} -> distilled {distilled['after_ppl']:.2f} (ratio "

@@ -30,10 +30,13 @@ def test_smollm2_demo_linearizes_every_layer_and_still_answers(tmp_path):
     from surgeon.cli.demo_llm import run_llm_demo
 
     result = run_llm_demo(tmp_path, show=False, max_new_tokens=8)
-    assert result["layers_converted"] == 30 and result["params_added"] == 1_475_100
-    assert result["config"]["feature_map"] == "hedgehog" and result["config"]["window"] == 64
-    assert result["config"]["sinks"] == 4 and result["prompt_tokens"] == 432 and result["linear_fraction"] > 0.7
+    assert result["layers_converted"] == 30 and result["params_added"] == 369_180     # hedgehog, 16 features
+    assert result["config"]["feature_map"] == "hedgehog" and result["config"]["window"] == 128
+    assert result["config"]["sinks"] == 4 and result["prompt_tokens"] == 1152 and result["linear_fraction"] > 0.75
+    base = result["equal_bytes_baseline"]                   # the same decode-state bytes, within one token's K/V
+    assert 0 <= result["equal_bytes_baseline"]["converted_state_bytes"] - base["state_bytes"] < 30 * 3 * 2 * 64 * 4
     answers = result["answers"]
+    assert base["policy"] == "sinks 4 + window 88 + h2o 87" and f"baseline ({base['policy']})" in answers
     assert answers["original (softmax)"]["text"].strip() and answers["linearized"]["text"].strip()
     assert answers["original (softmax)"]["agreement"] == 1.0 and 0.0 <= answers["linearized"]["agreement"] <= 1.0
     assert result["passed"]
