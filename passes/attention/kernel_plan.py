@@ -37,7 +37,7 @@ from surgeon.core.sites import Plan, Site
 from surgeon.ops.feature_maps import make_feature_map
 from surgeon.ops.hybrid_kernel import capped_hybrid_attention
 from surgeon.ops.linear_attention import bidirectional_linear_attention
-from surgeon.passes.attention.checks import match_original
+from surgeon.passes.attention.checks import ATTENTION_LAYER_TYPES, match_original
 from surgeon.passes.attention.config import LinearizeAttention
 from surgeon.passes.attention.costs import AttentionShape, cost_rows
 from surgeon.passes.attention.kernel import (HYBRID, PROBE_CALLS, KernelHybrid, base_of, implementation_name,
@@ -130,9 +130,22 @@ def _identity_error(call: dict[str, Any], causal: bool) -> float:
     return (got.double() - ref.double()).abs().max().item() / max(ref.double().abs().max().item(), 1e-6)
 
 
-def _problems(module: nn.Module, call: dict[str, Any], config: LinearizeAttention, causal: bool) -> list[str]:
+def _layer_kind(module: nn.Module, layer: int) -> Any:
+    try:
+        kinds = getattr(getattr(module, "config", None), "layer_types", None)
+    except Exception:   # per-layer configs raise on ambiguous reads: unknown
+        return None
+    return kinds[layer] if isinstance(kinds, (list, tuple)) and 0 <= layer < len(kinds) else None
+
+
+def _problems(module: nn.Module, call: dict[str, Any], config: LinearizeAttention, causal: bool,
+              layer: int) -> list[str]:
     why = []
     kw = call["kwargs"]
+    kind = _layer_kind(module, layer)
+    if causal and kind not in ATTENTION_LAYER_TYPES + ("chunked_attention",):
+        why.append(f"its cache layer is a {kind!r} layer (config.layer_types): the model keeps its own recurrent state "
+                   "there, which the hybrid's state would overwrite")
     unknown = sorted(k for k, v in kw.items() if v is not None and k not in UNDERSTOOD | BOOKKEEPING
                      and not k.startswith(("output_", "return_")))
     if unknown:
@@ -178,7 +191,7 @@ def plan_kernel(model: nn.Module, config: LinearizeAttention, ctx: PassContext, 
     for site in chosen:
         module, call = get_submodule(model, site.name), calls[site.name]
         causal = _causal(module, call["kwargs"])
-        why = _problems(module, call, config, causal)
+        why = _problems(module, call, config, causal, site.data["layer"])
         if why:
             reasons[site.name] = why
         q, k, v = call["query"], call["key"], call["value"]
