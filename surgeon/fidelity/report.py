@@ -87,3 +87,35 @@ def needle_summary(rows: Iterable[dict], keys: tuple[str, ...] = ("config", "con
                     "recall_vs_original": kept / len(right) if right else float("nan"),
                     "recall_vs_original_ci": wilson(kept, len(right))}
     return out
+
+
+def _ci(x: float, ci: list | tuple, fmt: str = ".3f") -> str:
+    return f"{x:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def markdown(result: dict, split: str = "test") -> list[str]:
+    """The rows of the docs' fidelity tables, rebuilt from a ``benchmarks/fidelity_smollm2.py`` results file
+    (``tests/docs`` checks that the page holds exactly these lines)."""
+    configs = result["configs"]
+    lines = ["| kind | context | configuration | state MiB | n | top-1 [95 % CI] | greedy [95 % CI] | "
+             "tokens to 1st divergence | ppl ratio [95 % CI] |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = sorted((s for s in result["summary"] if s["split"] == split),
+                  key=lambda s: (s["context"], ("prose", "code", "chat").index(s["kind"]), configs[s["config"]]["bytes"],
+                                 s["config"]))
+    for s in rows:
+        lines.append(f"| {s['kind']} | {s['context']} | {s['config']} | {configs[s['config']]['bytes'] / 2**20:.2f} | "
+                     f"{s['n']} | {_ci(s['top1'], s['top1_ci'])} | {_ci(s['greedy'], s['greedy_ci'])} | "
+                     f"{s['first_divergence']:.1f} | {_ci(s['ppl_ratio'], s['ppl_ratio_ci'])} |")
+    lines += ["", "| comparison | kind | context | n | Δ top-1 | Δ greedy | Δ log ppl |", "|---|---|---|---|---|---|---|"]
+    for name, comps in result["comparisons_on_test"].items():
+        for d in comps:
+            cells = [f"{d[m]:+.3f} [{d[m + '_ci'][0]:+.3f}, {d[m + '_ci'][1]:+.3f}] {d[m + '_verdict']}"
+                     for m in ("top1", "greedy", "log_ppl_ratio")]
+            lines.append(f"| {name} | {d['kind']} | {d['context']} | {d['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "| configuration | context | passkeys found | where the original finds it | Wilson 95 % CI |",
+              "|---|---|---|---|---|"]
+    for s in result["needle"]:
+        lo, hi = s["recall_vs_original_ci"]
+        lines.append(f"| {s['config']} | {s['context']} | {s['hits']}/{s['trials']} | "
+                     f"{s['hits_where_original_right']}/{s['original_right']} | {lo:.2f}–{hi:.2f} |")
+    return lines
