@@ -12,6 +12,11 @@ tolerance either cries wolf on such a correct export or is so loose it misses a 
 - an element bound scaled to the output: ``|ort − torch| ≤ atol + rtol·|torch| + scaled·max|torch|``
   (``atol`` / ``rtol`` given explicitly are used exactly as given, and then ``scaled`` is off);
 - a signal-to-noise floor over the whole output: ``10·log10(Σ torch² / Σ (ort − torch)²) ≥ min_snr_db``;
+- the same ratio per feature (each index of the last axis — a vocabulary entry, a channel — over every
+  position) ``≥ min_local_snr_db`` wherever that feature's error exceeds half the element bound: a few
+  hundred logits off by just under the bound leave the whole output's SNR above its floor but not
+  their feature's (off with explicit ``atol`` / ``rtol``);
+- the shapes: an output whose shape differs fails (never skipped);
 - for logits, the tokens: greedy (argmax) agreement on every position that is not a near tie
   (PyTorch's top-2 margin above twice the scaled bound ``floor + scaled·max|torch|``), and the mean
   top-``top_k`` overlap. With the default element bound a decisive flip also breaks that bound; the
@@ -30,13 +35,19 @@ Example:
     False
     >>> Criterion(atol=1e-5, rtol=0.0).check("y", ref + 1e-4, ref).passed  # explicit bounds are exact
     False
+    >>> local = ref.copy(); local[:, 7] += 0.9 * c.element_bound(ref)       # one feature, under the bound
+    >>> c.check("logits", local, ref).reasons[-1].split(" with")[0]
+    '1 feature(s) (last-axis index 7)'
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
+from surgeon.core.errors import ConfigError
 
 __all__ = ["Criterion", "OutputVerdict", "DEFAULT_CRITERION"]
 
@@ -79,6 +90,7 @@ class Criterion:
     rtol: float | None = None
     scaled: float = 2e-3
     min_snr_db: float | None = 80.0
+    min_local_snr_db: float | None = 60.0   # per feature (last-axis index), where its error is > half the bound
     min_greedy: float | None = 1.0
     top_k: int = 5
     min_top_k_overlap: float | None = 0.95
@@ -94,12 +106,14 @@ class Criterion:
         """
         base = DEFAULT_CRITERION if criterion is None else criterion
         if not isinstance(base, Criterion):
-            raise TypeError(f"criterion must be a surgeon.export.Criterion, got {type(base).__name__}")
+            raise ConfigError(f"criterion must be a surgeon.export.Criterion, got {type(base).__name__}")
         if atol is None and rtol is None:
             return base
         for name, value in (("atol", atol), ("rtol", rtol)):
-            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be a number ≥ 0, got {value!r}")
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number ≥ 0 (an element bound |ort − torch| ≤ atol + "
+                                  f"rtol·|torch|), got {value!r}; leave both unset for the scaled default")
         return replace(base, atol=float(atol or 0.0), rtol=float(rtol or 0.0))
 
     @property
@@ -122,6 +136,8 @@ class Criterion:
             parts = [f"|ort − torch| ≤ {self.floor:g} + {self.scaled:g}·max|torch| per element"]
         if self.min_snr_db is not None:
             parts.append(f"SNR ≥ {self.min_snr_db:g} dB")
+        if self.min_local_snr_db is not None and not self.explicit:
+            parts.append(f"per-feature SNR ≥ {self.min_local_snr_db:g} dB where its error > half the bound")
         if self.min_greedy is not None:
             parts.append(f"logits: greedy agreement ≥ {self.min_greedy:.0%} off near ties")
         if self.min_top_k_overlap is not None:
@@ -134,6 +150,10 @@ class Criterion:
     def check(self, name: str, got: np.ndarray, ref: np.ndarray, *, tokens: bool = False) -> OutputVerdict:
         """Compare ``got`` (onnxruntime) with ``ref`` (PyTorch); ``tokens``: last axis is a vocabulary."""
         got, ref = np.asarray(got), np.asarray(ref)
+        if got.shape != ref.shape:
+            return OutputVerdict(name, list(ref.shape), float("nan"), float("nan"), 0.0, int(ref.size), int(ref.size),
+                                 float("-inf"), True, reasons=[f"shape {list(got.shape)} in onnxruntime, "
+                                                               f"{list(ref.shape)} in PyTorch"])
         if got.dtype == np.bool_ or ref.dtype == np.bool_:
             bad = int((got != ref).sum())
             return OutputVerdict(name, list(ref.shape), float(bad), 0.0, 0.0, bad, int(ref.size),
@@ -162,10 +182,35 @@ class Criterion:
         # SNR only once an error exceeds the absolute floor: an all-zero output with 1e-9 noise is equal
         if self.min_snr_db is not None and snr < self.min_snr_db and not v.max_abs <= self.floor:
             v.reasons.append(f"SNR {snr:.1f} dB < {self.min_snr_db:g} dB")
+        if self.min_local_snr_db is not None and finite and not self.explicit:
+            self._check_features(v, err, b)
         if tokens and finite and b.ndim >= 1 and b.shape[-1] > 1:
             noise = self.floor + self.scaled * float(np.abs(b).max())     # the scaled bound, even when explicit
             self._check_tokens(v, a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), noise)
         return v
+
+    def _check_features(self, v: OutputVerdict, err: np.ndarray, b: np.ndarray) -> None:
+        """SNR of each feature (an index of the last axis: a vocabulary entry, a channel) over every position.
+
+        A fault confined to a few hundred elements barely moves the output's SNR; within its feature it
+        does. Float noise spreads over the features (a large activation raises whole positions, which each
+        feature averages). Judged only where the feature's error exceeds half the element bound.
+        """
+        if b.ndim < 2 or b.size // b.shape[-1] < 8:
+            return
+        e2, b2 = (err ** 2).reshape(-1, b.shape[-1]), (b ** 2).reshape(-1, b.shape[-1])
+        judged = e2.max(0) > (0.5 * (self.floor + self.scaled * float(np.abs(b).max()))) ** 2
+        if not judged.any():
+            return
+        with np.errstate(divide="ignore"):
+            local = 10 * np.log10(b2[:, judged].sum(0) / e2[:, judged].sum(0))
+        low = local < self.min_local_snr_db
+        if low.any():
+            features = np.flatnonzero(judged)[low]
+            v.reasons.append(f"{low.sum()} feature(s) (last-axis index {', '.join(map(str, features[:5]))}"
+                             f"{' ...' if low.sum() > 5 else ''}) with SNR {float(local.min()):.1f} dB < "
+                             f"{self.min_local_snr_db:g} dB over their {b.size // b.shape[-1]} positions: an "
+                             "error confined to them, not float noise")
 
     def _check_tokens(self, v: OutputVerdict, a: np.ndarray, b: np.ndarray, bound: float) -> None:
         top2 = np.sort(b, axis=-1)[:, -2:]

@@ -4,7 +4,8 @@ onnxruntime rewrites a graph when it creates a session (constant folding, node f
 changes), at one of the levels ``disabled < basic < extended < layout < all``. :func:`optimize`
 runs every level on an export at shapes other than the export's, compares each to PyTorch (or to
 the ``disabled`` level when no model is given), times it (median of ``repeats`` runs), and records
-the fastest level within tolerance in the manifest (``GraphSpec.ort_level``). Sessions made by
+the fastest level that keeps parity — judged by the same :class:`surgeon.export.Criterion` as
+:func:`surgeon.export.verify` (default ``DEFAULT_CRITERION``) — in the manifest (``GraphSpec.ort_level``). Sessions made by
 :func:`surgeon.export.verify` and :class:`surgeon.export.OnnxGenerator` then use that level. A level
 that breaks parity is reported and never chosen. ``save=True`` also writes the onnxruntime-optimized
 graph (``<stem>.ort-extended.onnx``), so a deployment can skip the optimization at load time.
@@ -41,6 +42,7 @@ from torch import nn
 from surgeon.core.errors import ConfigError, ExportError, VerificationError
 from surgeon.export.manifest import ORT_LEVELS, Manifest, load_manifest, manifest_path_for
 from surgeon.core.report import Report
+from surgeon.export.criterion import Criterion
 from surgeon.export.runtime import LEVELS, levels as _levels, make_session, parse_level, session_options
 
 __all__ = ["LEVELS", "SAVE_LEVEL", "LevelResult", "OptimizeReport", "optimize", "parse_level",
@@ -77,9 +79,10 @@ class OptimizeReport:
     reference: str                       # "pytorch" or "disabled"
     shapes: dict[str, list[str]]
     timing_shape: dict[str, str]
-    atol: float
-    rtol: float
+    atol: float | None                   # explicit element bounds (None: the criterion's scaled bound)
+    rtol: float | None
     threads: int | None
+    criterion: str = ""                  # what every output had to satisfy (Criterion.describe())
     saved: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -97,8 +100,8 @@ class OptimizeReport:
                  for r in self.failed()]
         notes += [f"saved {g}: {s['file']} (level {s['level']}, parity {'ok' if s['passed'] else 'FAILED'},"
                   f" max abs {s['max_abs']:.3e})" for g, s in self.saved.items()]
-        return Report(title=f"onnxruntime graph optimization levels (reference: {self.reference}, "
-                            f"atol {self.atol:g}, rtol {self.rtol:g})",
+        judged = self.criterion or f"atol {self.atol:g}, rtol {self.rtol:g}"
+        return Report(title=f"onnxruntime graph optimization levels (reference: {self.reference}; {judged})",
                       columns=["graph", "level", "max_abs", "n_bad", "ms", "session_s", "nodes",
                                "parity", "chosen"],
                       rows=rows, summary={"timed at": self.timing_shape, "checked at": self.shapes,
@@ -201,30 +204,16 @@ def _lm_cases(manifest: Manifest, model: nn.Module | None, shapes: Sequence[tupl
 
 # ----------------------------------------------------------------------------- measuring
 
-def _compare(got: list[np.ndarray], ref: list[np.ndarray], atol: float, rtol: float
+def _compare(got: list[np.ndarray], ref: list[np.ndarray], crit: Criterion
              ) -> tuple[float, float, int, bool]:
-    max_abs = max_rel = 0.0
-    n_bad = 0
-    for a, b in zip(got, ref):
-        if a.shape != b.shape:
-            return float("inf"), float("inf"), int(b.size), False
-        if b.dtype == np.bool_ or a.dtype == np.bool_:
-            bad = int((a != b).sum())
-            n_bad += bad
-            max_abs = max(max_abs, float(bad > 0))
-            continue
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        diff = np.abs(a64 - b64)
-        if diff.size == 0:
-            continue
-        ok = diff <= atol + rtol * np.abs(b64)             # NaN compares False: counted as bad
-        n_bad += int((~ok).sum())
-        max_abs = max(max_abs, float("nan") if np.isnan(diff).any() else float(diff.max()))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            max_rel = max(max_rel, float(np.nanmax(diff / (np.abs(b64) + 1e-12))))
+    """Every output judged by ``crit`` (as verify does): (max abs, max rel, elements out of bound, passed)."""
     if len(got) != len(ref):
-        return float("inf"), float("inf"), n_bad + 1, False
-    return max_abs, max_rel, n_bad, n_bad == 0 and not np.isnan(max_abs)
+        return float("inf"), float("inf"), 1, False
+    verdicts = [crit.check(f"output {i}", a, b) for i, (a, b) in enumerate(zip(got, ref))]
+    max_abs = max((v.max_abs for v in verdicts), default=0.0)
+    max_rel = max((v.max_rel for v in verdicts), default=0.0)
+    passed = all(v.passed for v in verdicts)
+    return max_abs, max_rel, sum(v.n_bad for v in verdicts), passed and not np.isnan(max_abs)
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -244,7 +233,7 @@ def _external(opts: Any, data_name: str) -> None:
 
 
 def _measure(graph: str, path: Path, level: str, cases: list[Case], ref: list[list[np.ndarray]],
-             atol: float, rtol: float, repeats: int, threads: int | None,
+             crit: Criterion, repeats: int, threads: int | None,
              providers: Sequence[str], count_nodes: bool) -> LevelResult:
     import onnx
 
@@ -260,7 +249,7 @@ def _measure(graph: str, path: Path, level: str, cases: list[Case], ref: list[li
         worst = (0.0, 0.0, 0, True)
         for (_, feeds, _), want in zip(cases, ref):
             got = sess.run(None, feeds)
-            m = _compare(got, want, atol, rtol)
+            m = _compare(got, want, crit)
             worst = (max(worst[0], m[0]), max(worst[1], m[1]), worst[2] + m[2], worst[3] and m[3])
         feeds = cases[-1][1]
         ms = _median_ms(lambda: sess.run(None, feeds), repeats)
@@ -288,7 +277,7 @@ def _choose(results: list[LevelResult]) -> str | None:
 
 
 def _save(manifest: Manifest, gname: str, level: str, cases: list[Case], ref: list[list[np.ndarray]],
-          atol: float, rtol: float, threads: int | None, providers: Sequence[str],
+          crit: Criterion, threads: int | None, providers: Sequence[str],
           staging: Path) -> dict[str, Any]:
     """Write ``<stem>.ort-<level>.onnx`` (+ external weights) into ``staging``, reload and check it."""
     stem = Path(manifest.graph(gname).file).stem
@@ -301,7 +290,7 @@ def _save(manifest: Manifest, gname: str, level: str, cases: list[Case], ref: li
     worst = 0.0
     passed = True
     for (_, feeds, _), want in zip(cases, ref):
-        max_abs, _, _, ok = _compare(sess.run(None, feeds), want, atol, rtol)
+        max_abs, _, _, ok = _compare(sess.run(None, feeds), want, crit)
         worst, passed = max(worst, max_abs), passed and ok
     info: dict[str, Any] = {
         "file": name, "data_files": sorted(p.name for p in staging.iterdir() if p.name.startswith(name + ".")),
@@ -320,8 +309,9 @@ def optimize(
     levels: Sequence[Any] | str | bool | None = None,
     save: bool | str = False,
     record: bool = True,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
+    criterion: Criterion | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
     repeats: int = 5,
     threads: int | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -338,7 +328,9 @@ def optimize(
     for a single graph; for prefill/decode exports, prefill at ``shapes`` (``(batch, tokens)``,
     tokens a multiple of the chunk; default ``[(1, 64), (3, 128)]``) and one decode step from each
     resulting state. Outputs are compared with ``model`` (PyTorch) when given, else with the
-    ``disabled`` level; latency is the median of ``repeats`` runs at the last shape. The best level
+    ``disabled`` level, by ``criterion`` (default ``surgeon.export.DEFAULT_CRITERION``, the one
+    :func:`surgeon.export.verify` applies; ``atol`` / ``rtol`` replace its element bound exactly);
+    latency is the median of ``repeats`` runs at the last shape. The best level
     is the fastest that passes (a higher level must beat a lower passing one by more than 2 %). With
     ``record`` the manifest gets each graph's ``ort_level`` and the table (``manifest.onnxruntime``).
     ``save`` (``True`` → ``"extended"``, or a level) writes ``<stem>.ort-<level>.onnx`` beside the
@@ -354,6 +346,7 @@ def optimize(
         >>> [r.level for r in rep.results], rep.saved["model"]["file"], rep.saved["model"]["passed"]
         (['disabled', 'basic'], 'model.ort-extended.onnx', True)
     """
+    crit = Criterion.resolve(criterion, atol, rtol)
     manifest = load_manifest(path)
     assert manifest.root is not None
     candidates = _levels(levels)
@@ -394,7 +387,7 @@ def optimize(
             ref = [base.run(None, feeds) for _, feeds, _ in gcases]
             del base
         refs[gname] = ref
-        graph_results = [_measure(gname, gpath, lv, gcases, ref, atol, rtol, repeats, threads, providers,
+        graph_results = [_measure(gname, gpath, lv, gcases, ref, crit, repeats, threads, providers,
                                   count_nodes) for lv in wanted]
         results += graph_results
         chosen = _choose([r for r in graph_results if r.level in candidates])
@@ -406,12 +399,12 @@ def optimize(
     report = OptimizeReport(
         results=results, best=best, reference="pytorch" if model is not None else "disabled",
         shapes={g: [c[0] for c in cs] for g, cs in cases.items()},
-        timing_shape={g: cs[-1][0] for g, cs in cases.items()}, atol=atol, rtol=rtol, threads=threads,
-        notes=notes)
+        timing_shape={g: cs[-1][0] for g, cs in cases.items()}, atol=crit.atol, rtol=crit.rtol, threads=threads,
+        criterion=crit.describe(), notes=notes)
     missing = [g for g in manifest.graphs if g not in best]
     if missing:
         raise VerificationError(
-            f"no onnxruntime optimization level keeps {missing} within atol {atol:g} / rtol {rtol:g} of "
+            f"no onnxruntime optimization level keeps {missing} within the criterion ({crit.describe()}) of "
             f"the {report.reference} reference (levels tried: {wanted}); the manifest was not changed. "
             f"Run surgeon.export.verify to see which output diverges.\n{report}", report)
 
@@ -428,7 +421,7 @@ def optimize(
                               stacklevel=2)
             staging = Path(tempfile.mkdtemp(prefix=".ort-save-", dir=manifest.root))
             for gname, gcases in cases.items():
-                report.saved[gname] = _save(manifest, gname, save_level, gcases, refs[gname], atol, rtol,
+                report.saved[gname] = _save(manifest, gname, save_level, gcases, refs[gname], crit,
                                             threads, providers, staging)
             broken = [g for g, info in report.saved.items() if not info["passed"]]
             if broken:

@@ -122,6 +122,8 @@ def test_softmax_layers_export_with_a_kv_cache_of_their_own(hybrid):
     assert all(isinstance(s, int) for s in dims["state_in.1.recurrent"][1:])
     report = surgeon.export.verify(out, model)
     assert report.passed and report.max_abs <= 1e-4 and report.decode_vs_prefill_max_abs <= 1e-4
+    decoded = {c.output for c in report.comparisons if c.case.endswith("decode")}   # the KV cache is compared too
+    assert {"state.0.keys", "state.0.values", "state.0.valid", "state.1.recurrent"} <= decoded
     assert report.greedy_agreement == 1.0 and report.kv_cache_bytes_per_token == 2 * 2 * 8 * 4 + 1
 
 

@@ -69,10 +69,56 @@ def test_explicit_tolerances_are_used_exactly():
     assert Criterion.resolve(None, atol=1e-5).check("y", got, ref).n_bad == ref.size
     assert Criterion.resolve(None, atol=3e-5, rtol=0.0).check("y", got, ref).n_bad == 0
     assert Criterion.resolve(None, atol=3e-5).explicit and not DEFAULT_CRITERION.explicit
-    with pytest.raises(ValueError, match="atol must be a number"):
-        Criterion.resolve(None, atol=-1.0)
-    with pytest.raises(TypeError, match="Criterion"):
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="atol must be a finite number ≥ 0"):
+            Criterion.resolve(None, atol=bad)
+    with pytest.raises(ConfigError, match="Criterion"):
         Criterion.resolve({"atol": 1.0})                      # type: ignore[arg-type]
+
+
+def _peaked(seed: int, shape: tuple[int, int] = (400, 2000)) -> np.ndarray:
+    """Logits with max |logit| 30 (as the audit's case)."""
+    ref = _logits(seed, shape)
+    return (ref * (30.0 / np.abs(ref).max())).astype(np.float32)
+
+
+def test_a_few_hundred_logits_off_in_one_output_fail():
+    """300 logits of one vocabulary entry off by 0.9 x the element bound (0.054 at max |logit| 30): the output's
+    SNR stays above its floor (the audit's finding: such a fault passed), the entry's own SNR does not."""
+    ref = _peaked(4, (1000, 4000))
+    bound = DEFAULT_CRITERION.element_bound(ref)
+    got = ref.copy()
+    got[:300, 17] += 0.9 * bound
+    loose = Criterion(min_local_snr_db=None).check("logits", got, ref, tokens=True)
+    assert loose.passed and loose.snr_db > 80 and loose.n_bad == 0               # what passed before
+    v = DEFAULT_CRITERION.check("logits", got, ref, tokens=True)
+    assert not v.passed and v.snr_db > 80
+    assert v.reasons == [next(r for r in v.reasons if r.startswith("1 feature(s) (last-axis index 17) with SNR"))]
+    scattered = ref.copy()                                     # the same error over 4 entries: still caught
+    scattered[:300, [3, 99, 500, 3999]] -= 0.9 * bound
+    assert not DEFAULT_CRITERION.check("logits", scattered, ref, tokens=True).passed
+
+
+def test_float_noise_with_loud_positions_passes():
+    """Float noise: relative 1e-6 everywhere, and one position (a massive activation) 340x louder, whose largest
+    errors exceed half the element bound; each feature averages them over every position and passes."""
+    ref = _peaked(5)
+    rng = np.random.default_rng(6)
+    scale = float(np.abs(ref).max())
+    noise = rng.normal(0, 1e-6 * scale, ref.shape)
+    noise[57] *= 340
+    got = (ref + noise).astype(np.float32)
+    v = DEFAULT_CRITERION.check("logits", got, ref, tokens=True)
+    judged = np.abs(got.astype(np.float64) - ref).max(0) > 0.5 * DEFAULT_CRITERION.element_bound(ref)
+    assert judged.sum() >= 1                                   # the per-feature check is reached, and passes
+    assert v.passed, v.reasons
+    assert v.snr_db > 80 and v.greedy_agreement == 1.0
+
+
+def test_an_output_of_another_shape_fails_with_both_shapes():
+    ref = _logits(7, (4, 10))
+    v = DEFAULT_CRITERION.check("state.0.keys", ref[:, :8], ref)
+    assert not v.passed and v.reasons == ["shape [4, 8] in onnxruntime, [4, 10] in PyTorch"]
 
 
 def test_nan_fails_and_an_all_zero_output_with_tiny_noise_passes():
