@@ -57,6 +57,12 @@ class GenaiPacking:
     @staticmethod
     def of(model: nn.Module) -> "GenaiPacking":
         layout = StateLayout.of(model)
+        if layout.memory:
+            raise ExportError(f"layers {sorted(layout.memory)} have memory slots, which update once per prompt block: "
+                              "the onnxruntime-genai prompt graph runs a whole prompt in one call and cannot carry "
+                              "them yet; export with surgeon.export.to_onnx (prefill/decode graphs, run block by block "
+                              "by surgeon.export.OnnxGenerator), or remove them for genai "
+                              "(surgeon.passes.attention.memory_slots.set_memory(model, 0))")
         if layout.softmax_layers:
             raise ExportError(f"layers {list(layout.softmax_layers)} are kept as softmax attention: the "
                               "onnxruntime-genai flavour packs only constant-size linear-attention state; linearize "

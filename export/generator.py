@@ -78,12 +78,40 @@ class OnnxGenerator:
         (logits, state); logits of the last position only when the export says ``last_logits_only``."""
         ids = torch.as_tensor(input_ids)
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if self.manifest.exporter.get("prefill_blocks"):
+            return self._run_blocks(ids, mask, int(self.manifest.exporter["prefill_blocks"]))
         pad = 0 if self.manifest.exporter.get("prefill_pads") else (-ids.shape[1]) % self.chunk
         if pad:
             ids = torch.nn.functional.pad(ids, (pad, 0))
             mask = torch.nn.functional.pad(mask, (pad, 0))
         out = self.prefill.run(None, {"input_ids": ids.long().numpy(), "attention_mask": mask.long().numpy()})
         return (out[0] if self.manifest.exporter.get("last_logits_only") else out[0][:, pad:]), out[1:]
+
+    def _run_blocks(self, ids: torch.Tensor, mask: torch.Tensor, block: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Memory slots: the prompt in blocks of ``block`` tokens from its first (padded) position, as the PyTorch
+        forward splits it, each a ``prefill.onnx`` call carrying the state (a last block of one token: decode.onnx)."""
+        batch, length = ids.shape
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0).numpy()
+        pad = int(self.manifest.exporter.get("kv_cache_pad", 0))
+        state = [np.zeros((batch, *[pad if d == "past" else d for d in spec["shape"][1:]]), dtype=_NUMPY[spec["dtype"]])
+                 for spec in self.state_specs]
+        logits = []
+        for lo in range(0, length, block):
+            hi = min(lo + block, length)
+            if hi - lo == 1:
+                if not bool(mask[:, lo].all()):
+                    raise ExportError(f"the prompt's last token (position {lo}) is padding in some rows: pad prompts on "
+                                      "the left")
+                out, state = self.run_decode(ids[:, lo:hi].numpy(), positions[:, lo:hi], state)
+            else:
+                feeds = {"input_ids": ids[:, lo:hi].long().numpy(), "attention_mask": mask[:, lo:hi].long().numpy(),
+                         "position_ids": positions[:, lo:hi]}
+                feeds.update({name: value.astype(_NUMPY[spec["dtype"]], copy=False)
+                              for spec, name, value in zip(self.state_specs, self.state_names, state)})
+                out, *state = self.prefill.run(None, feeds)
+            logits.append(out)
+        full = np.concatenate(logits, 1)
+        return (full[:, -1:] if self.manifest.exporter.get("last_logits_only") else full), state
 
     def run_decode(self, token: np.ndarray, position: np.ndarray, state: list[np.ndarray]
                    ) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -45,7 +45,7 @@ class StateSpec:
     name: str
     layer: int
     kind: str          # recurrent | window_keys | window_values | window_valid | sink_keys | sink_values |
-                       # sink_valid | keys | values | valid
+                       # sink_valid | memory_keys | memory_values | memory_valid | keys | values | valid
     shape: tuple[int | str, ...]   # "past": the growing key axis of a softmax layer's KV cache
     dtype: torch.dtype
 
@@ -78,6 +78,12 @@ class StateLayout:
     specs: tuple[StateSpec, ...]
     softmax_layers: tuple[int, ...] = ()
     pad: int = 0        # invalid slots a softmax layer's cache starts with: max(window) - 1
+    memory_block: int = 0   # layers with memory slots: prefill tokens per slot update (0: no such layer)
+
+    @property
+    def memory(self) -> dict[int, int]:
+        """Layer -> memory slots, for the layers that have them."""
+        return {i: m.memory for i, m in self.layers if m.memory}
 
     @staticmethod
     def of(model: nn.Module, softmax_only: bool = False) -> "StateLayout":
@@ -89,12 +95,12 @@ class StateLayout:
             raise ExportError(f"{type(model).__name__} has no linearized attention layers: export it with "
                               "surgeon.export.to_onnx(model, path, example_inputs) as one forward graph, or "
                               "apply LinearizeAttention first")
-        with_memory = [i for i, m in units if getattr(m, "memory", 0)]
-        if with_memory:
-            raise ExportError(f"layers {with_memory} have memory slots (LinearizeAttention(memory=...)), which the "
-                              "prefill/decode graphs do not carry yet; export without them "
-                              "(surgeon.passes.attention.memory_slots.set_memory(model, 0)) and keep memory slots "
-                              "for PyTorch inference")
+        blocks = {m.memory_block for _, m in units if getattr(m, "memory", 0)}
+        if len(blocks) > 1:
+            named = {i: m.memory_block for i, m in units if m.memory}
+            raise ExportError(f"layers with memory slots update them every memory_block tokens, and these differ "
+                              f"(layer: block {named}); the prefill graph runs one block size: "
+                              "set_memory(model, slots, block=N) sets one for all")
         bidirectional = [i for i, m in units if not m.is_causal]
         if bidirectional:
             raise ExportError(f"layers {bidirectional} are bidirectional: prefill/decode graphs are for causal LMs; "
@@ -133,7 +139,16 @@ class StateLayout:
                     StateSpec(f"state.{idx}.sink_values", idx, "sink_values", (lay.n_kv_heads, n, lay.head_dim), dtype),
                     StateSpec(f"state.{idx}.sink_valid", idx, "sink_valid", (n,), torch.bool),
                 ]
-        return StateLayout(tuple(units), n_layers, tuple(specs), softmax, pad if softmax else 0)
+            if unit.memory:
+                n = unit.memory
+                specs += [
+                    StateSpec(f"state.{idx}.memory_keys", idx, "memory_keys", (lay.n_kv_heads, n, lay.head_dim), dtype),
+                    StateSpec(f"state.{idx}.memory_values", idx, "memory_values", (lay.n_kv_heads, n, lay.head_dim),
+                              dtype),
+                    StateSpec(f"state.{idx}.memory_valid", idx, "memory_valid", (lay.n_kv_heads, n), torch.bool),
+                ]
+        return StateLayout(tuple(units), n_layers, tuple(specs), softmax, pad if softmax else 0,
+                           next(iter(blocks), 0))
 
     def zeros(self, batch: int, device: torch.device | None = None) -> list[Tensor]:
         """The state before any token: zero recurrent states, empty (invalid) window and KV-cache slots."""
@@ -187,6 +202,8 @@ class StatefulLM(nn.Module):
             layer = SinkWindowLayer(sliding_window=max(w + 1, 2))
             if "sink_keys" in parts:
                 layer.sink_state = (parts["sink_keys"], parts["sink_values"], parts["sink_valid"])
+            if "memory_keys" in parts:
+                layer.memory_state = (parts["memory_keys"], parts["memory_values"], parts["memory_valid"])
             layer.is_initialized = True
             layer.dtype, layer.device = parts["recurrent"].dtype, parts["recurrent"].device
             if w:
@@ -228,6 +245,8 @@ class StatefulLM(nn.Module):
                 new_state.append(layer.recurrent_states[0])
             elif spec.kind.startswith("sink_"):
                 new_state.append(layer.sink_state[("sink_keys", "sink_values", "sink_valid").index(spec.kind)])
+            elif spec.kind.startswith("memory_"):
+                new_state.append(layer.memory_state[("memory_keys", "memory_values", "memory_valid").index(spec.kind)])
             elif spec.kind in ("keys", "window_keys"):
                 new_state.append(layer.keys if spec.kind == "keys" else layer.keys[..., -w:, :])
             elif spec.kind in ("values", "window_values"):
@@ -250,6 +269,36 @@ class PrefillLM(nn.Module):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         state = self.step.layout.zeros(input_ids.shape[0], input_ids.device)
         return self.step(input_ids, attention_mask, positions, *state)
+
+
+class BlockPrefillLM(nn.Module):
+    """``(input_ids, attention_mask, position_ids, *state) -> (logits, *state)``: one prefill block of a model
+    with memory slots. Every layer updates its slots once per call, so a runtime that sends the prompt in
+    blocks of ``layout.memory_block`` tokens (the last one shorter) computes what the PyTorch forward computes
+    on the whole prompt (it splits it the same way)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.step = StatefulLM(model)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *state: Tensor
+                ) -> tuple[Tensor, ...]:
+        units = [unit for _, unit in self.step.layout.layers]
+        saved = [(unit.memory_block, unit.chunk_size) for unit in units]
+        block = self.step.layout.memory_block
+        try:
+            for unit in units:
+                unit.memory_block = ONE_BLOCK     # the whole call is one block, whatever its (symbolic) length
+                # one chunk longer than any block: the chunked form is exact at any chunk length, and a single
+                # chunk keeps a symbolic length ≤ block free of chunk-count guards when exported
+                unit.chunk_size = max(unit.chunk_size, block + 1)
+            return self.step(input_ids, attention_mask, position_ids, *state)
+        finally:
+            for unit, (memory_block, chunk) in zip(units, saved):
+                unit.memory_block, unit.chunk_size = memory_block, chunk
+
+
+ONE_BLOCK = 2**30   # > any exported sequence length (their Dim max is 2**20)
 
 
 class DecodeLM(nn.Module):

@@ -59,6 +59,10 @@ def exported_modules(manifest: Manifest, model: nn.Module) -> dict[str, nn.Modul
     wrap = {"softmax_only": True} if len(exporter.get("softmax_layers", [])) == len(
         {s["layer"] for s in exporter.get("state", [])}) else {}     # the original, every layer a KV cache
     prefill: nn.Module = PrefillLM(model, **wrap)
+    if exporter.get("prefill_blocks"):           # memory slots: one block with the state in
+        from surgeon.export.stateful_lm import BlockPrefillLM
+
+        return {"prefill": BlockPrefillLM(model), "decode": DecodeLM(model)}
     if exporter.get("prefill_pads"):
         prefill = AnyLengthPrefill(prefill, int(exporter["chunk"]), bool(exporter.get("last_logits_only")))
     return {"prefill": prefill, "decode": DecodeLM(model, **wrap)}

@@ -9,6 +9,7 @@ import transformers
 
 import surgeon
 from surgeon.core.errors import ConfigError, ExportError
+from surgeon.export.causal_lm import export_causal_lm
 from surgeon.export.stateful_lm import StateLayout
 from surgeon.passes import LinearizeAttention
 from surgeon.passes.attention.memory_slots import set_memory
@@ -90,7 +91,7 @@ def test_a_bf16_model_decodes_with_memory_slots():
     assert out.shape == (1, 19) and torch.isfinite(model(ids).logits.float()).all()
 
 
-def test_bad_requests_are_refused_and_the_model_is_untouched():
+def test_bad_requests_are_refused_and_the_model_is_untouched(tmp_path):
     with pytest.raises(ConfigError, match="needs ungated attention"):
         LinearizeAttention(gate="liger", memory=4).validate()
     with pytest.raises(ConfigError, match="needs causal attention"):
@@ -104,7 +105,9 @@ def test_bad_requests_are_refused_and_the_model_is_untouched():
     with pytest.raises(ConfigError, match="no linearized attention layer"):
         set_memory(tiny_llama(), 8)
     model = surgeon.apply(tiny_llama(), LinearizeAttention(feature_map="elu1", window=4, memory=2)).model
+    with_slots = StateLayout.of(model)       # the decode state carries the slots: keys, values, a flag per slot
+    assert [s.shape for s in with_slots.specs if s.kind.startswith("memory_")] == [(2, 2, 8), (2, 2, 8), (2, 2)] * 2
     with pytest.raises(ExportError, match=r"layers \[0, 1\] have memory slots"):
-        StateLayout.of(model)
+        export_causal_lm(model, tmp_path / "onnx")
     set_memory(model, 0)
-    assert StateLayout.of(model).state_bytes() > 0
+    assert with_slots.state_bytes() - StateLayout.of(model).state_bytes() == 2 * (2 * 2 * 2 * 8 * 4 + 2 * 2)

@@ -66,8 +66,9 @@ def run_blocks(q: Tensor, k: Tensor, v: Tensor, feature_q: FeatureFn, feature_k:
     T = q.shape[2]
     keep = max(window - 1, 0)
     outs = []
-    for lo in range(0, T, block):
-        hi = min(lo + block, T)
+    # one block: no loop over (and no min with) a symbolic length, so an exported graph keeps it symbolic
+    spans = [(0, T)] if T <= block else [(lo, min(lo + block, T)) for lo in range(0, T, block)]
+    for lo, hi in spans:
         P = 0 if carry.past_k is None else carry.past_k.shape[2]
         mask = None if key_mask is None else key_mask[:, key_mask.shape[1] - (T - lo) - P:key_mask.shape[1] - (T - hi)]
         out, state = linear_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], feature_q, feature_k,
