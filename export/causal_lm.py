@@ -228,8 +228,13 @@ def _live(model: nn.Module, recipe: Any) -> dict:
     from surgeon.core.persist import live_recipe
     from surgeon.core.recipe import Recipe
 
-    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(dict(recipe))
-    return live_recipe(model, recipe).to_dict()
+    from surgeon.core.errors import SurgeonError
+
+    try:
+        recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(dict(recipe))
+        return live_recipe(model, recipe).to_dict()
+    except SurgeonError:
+        return dict(recipe.to_dict() if isinstance(recipe, Recipe) else recipe)   # not a surgeon recipe: as given
 
 
 def _export_both(model: nn.Module, layout: StateLayout, staging: Path, batch: int, chunks: int, chunk: int,
