@@ -310,7 +310,8 @@ def main() -> None:
                                               "rows": cnn_rows},
               "transformer": tr, "wall_seconds": time.perf_counter() - t0,
               "provenance": provenance(counts={"cnn_models": len(manifest["models"]), "encrypted_runs": executed,
-                                               "simulation_examples": args.sim_examples,
+                                               "simulation_examples": engine.get("settings", {}).get(
+                                                   "sim_examples", args.sim_examples),
                                                "contexts": len(args.contexts)},
                                        loadavg_engine=[engine.get("loadavg_start"), engine.get("loadavg_end")])}
     (out / "private_inference.json").write_text(json.dumps(result, indent=2, default=str))
