@@ -10,7 +10,8 @@ count, per example:
   is decrypted and dequantized in the clear);
 * the sum of two computed tensors (a residual add): three per element (both inputs brought to a common
   scale, then the output); the engine keeps one input on the common scale where it can, so this is an
-  upper bound (on the digits ResNet it counts 9,248 where Concrete ML 1.9 compiles 8,256).
+  upper bound (digits ResNet, width 8: 4,624 counted, 4,112 compiled by Concrete ML 1.9 at all ReLUs and
+  3,600 at 20 %, ``benchmarks/results/private_inference.json``).
 
 Estimated latency = PBS × seconds per PBS, the latter measured on a circuit of lone lookups at the same
 precision (``benchmarks/private_fhe_engine.py --pbs-probe``).
