@@ -20,6 +20,8 @@ from typing import Any, Iterable
 from surgeon.fidelity.stats import bootstrap_ci, paired_diff_ci, ratio_ci, verdict, wilson
 
 METRICS = ("top1", "kl", "greedy", "first_divergence")
+MIN_N = 3
+"""Fewer prompts than this get no interval and no verdict (a bootstrap over 1-2 prompts has no spread)."""
 HIGHER_IS_BETTER = {"top1": True, "kl": False, "greedy": True, "first_divergence": True, "ppl_ratio": False}
 
 
@@ -36,13 +38,14 @@ def summarize(rows: Iterable[dict], keys: tuple[str, ...] = ("config", "kind", "
     out = {}
     for key, group in _group(rows, keys).items():
         s: dict[str, Any] = {"n": len(group)}
+        enough = len(group) >= MIN_N
         for m in METRICS:
             values = [float(r[m]) for r in group]
             s[m] = sum(values) / len(values)
-            s[f"{m}_ci"] = bootstrap_ci(values)
+            s[f"{m}_ci"] = bootstrap_ci(values) if enough else None
         nll, ref, tok = ([float(r[k]) for r in group] for k in ("nll", "ref_nll", "tokens"))
         s["ppl_ratio"] = math.exp((sum(nll) - sum(ref)) / sum(tok))
-        s["ppl_ratio_ci"] = ratio_ci(nll, ref, tok)
+        s["ppl_ratio_ci"] = ratio_ci(nll, ref, tok) if enough else None
         out[key] = s
     return out
 
@@ -60,16 +63,18 @@ def compare(rows: list[dict], config: str, baseline: str, keys: tuple[str, ...] 
         if not common:
             continue
         d: dict[str, Any] = {"n": len(common)}
+        enough = len(common) >= MIN_N
         for m in METRICS:
             x, y = [float(a[p][m]) for p in common], [float(b[p][m]) for p in common]
             d[m] = sum(x) / len(x) - sum(y) / len(y)
-            d[f"{m}_ci"] = paired_diff_ci(x, y)
-            d[f"{m}_verdict"] = verdict(d[f"{m}_ci"], HIGHER_IS_BETTER[m])
+            d[f"{m}_ci"] = paired_diff_ci(x, y) if enough else None
+            d[f"{m}_verdict"] = verdict(d[f"{m}_ci"], HIGHER_IS_BETTER[m]) if enough else f"n < {MIN_N}"
         tok = [float(a[p]["tokens"]) for p in common]
         ax, bx = [float(a[p]["nll"]) for p in common], [float(b[p]["nll"]) for p in common]
         d["log_ppl_ratio"] = (sum(ax) - sum(bx)) / sum(tok)
-        d["log_ppl_ratio_ci"] = ratio_ci(ax, bx, tok, transform=lambda t: t)
-        d["log_ppl_ratio_verdict"] = verdict(d["log_ppl_ratio_ci"], higher_is_better=False)
+        d["log_ppl_ratio_ci"] = ratio_ci(ax, bx, tok, transform=lambda t: t) if enough else None
+        d["log_ppl_ratio_verdict"] = (verdict(d["log_ppl_ratio_ci"], higher_is_better=False) if enough
+                                      else f"n < {MIN_N}")
         out[key] = d
     return out
 
@@ -89,8 +94,8 @@ def needle_summary(rows: Iterable[dict], keys: tuple[str, ...] = ("config", "con
     return out
 
 
-def _ci(x: float, ci: list | tuple, fmt: str = ".3f") -> str:
-    return f"{x:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+def _ci(x: float, ci: list | tuple | None, fmt: str = ".3f") -> str:
+    return f"{x:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci is not None else "")
 
 
 def markdown(result: dict, split: str = "test") -> list[str]:
@@ -109,13 +114,12 @@ def markdown(result: dict, split: str = "test") -> list[str]:
     lines += ["", "| comparison | kind | context | n | Δ top-1 | Δ greedy | Δ log ppl |", "|---|---|---|---|---|---|---|"]
     for name, comps in result["comparisons_on_test"].items():
         for d in comps:
-            cells = [f"{d[m]:+.3f} [{d[m + '_ci'][0]:+.3f}, {d[m + '_ci'][1]:+.3f}] {d[m + '_verdict']}"
-                     for m in ("top1", "greedy", "log_ppl_ratio")]
+            cells = [f"{_ci(d[m], d[m + '_ci'], '+.3f')} {d[m + '_verdict']}" for m in ("top1", "greedy", "log_ppl_ratio")]
             lines.append(f"| {name} | {d['kind']} | {d['context']} | {d['n']} | " + " | ".join(cells) + " |")
-    lines += ["", "| configuration | context | passkeys found | where the original finds it | Wilson 95 % CI |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| configuration | context | trials | the original finds | found where the original finds it | "
+              "Wilson 95 % CI |", "|---|---|---|---|---|---|"]
     for s in result["needle"]:
         lo, hi = s["recall_vs_original_ci"]
-        lines.append(f"| {s['config']} | {s['context']} | {s['hits']}/{s['trials']} | "
-                     f"{s['hits_where_original_right']}/{s['original_right']} | {lo:.2f}–{hi:.2f} |")
+        lines.append(f"| {s['config']} | {s['context']} | {s['trials']} | {s['original_right']} | "
+                     f"{s['hits_where_original_right']} | {lo:.2f}–{hi:.2f} |")
     return lines

@@ -103,3 +103,12 @@ def test_summaries_report_n_intervals_and_ties():
     needles = needle_summary([{"config": "a", "context": 64, "hit": h, "orig_hit": o}
                               for h, o in [(1, 1), (0, 1), (1, 0), (0, 0)]])[("a", 64)]
     assert (needles["hits"], needles["original_right"], needles["hits_where_original_right"]) == (2, 2, 1)
+
+
+def test_too_few_prompts_get_no_interval_and_no_verdict():
+    rows = [{"config": c, "kind": "chat", "context": 64, "prompt": str(i), "top1": 0.5 + 0.1 * i + (c == "a"),
+             "kl": 0.1, "greedy": 0.5, "first_divergence": 2, "nll": 10.0, "ref_nll": 9.0, "tokens": 63}
+            for c in ("a", "b") for i in range(2)]
+    assert summarize(rows)[("a", "chat", 64)]["top1_ci"] is None
+    d = compare(rows, "a", "b")[("chat", 64)]
+    assert d["top1"] == pytest.approx(1.0) and d["top1_ci"] is None and d["top1_verdict"] == "n < 3"
