@@ -234,7 +234,7 @@ def main() -> None:
 
 
 def _fmt(x: float, ci) -> str:
-    return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else "")
 
 
 def write(args, rows, needle_rows, candidates, chosen, plan, kv_scores) -> None:
