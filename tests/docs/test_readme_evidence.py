@@ -1012,3 +1012,42 @@ def test_fisher_p_matches_known_values():
     assert abs(fisher_p(4, 8, 2, 8) - 0.6083916083916083) < 1e-12      # scipy.stats.fisher_exact
     assert abs(fisher_p(8, 8, 2, 8) - 0.006993006993006993) < 1e-12
     assert fisher_p(3, 10, 3, 10) == 1.0
+
+
+@evidence
+def test_fidelity_evaluation_tables_and_findings_are_the_recorded_run():
+    """docs/fidelity.md's surgeon.fidelity tables are exactly surgeon.fidelity.report.markdown of the results file, and
+    each qualitative finding under them holds in it."""
+    from surgeon.fidelity.report import markdown
+
+    r = result("fidelity_smollm2.json")
+    val = markdown(r, "validation")
+    for line in [x for x in val[:val.index("")] + markdown(r, "test") if x and not x.startswith("|---")]:
+        claim(re.escape(line), FID)
+        for m in re.finditer(re.escape(line), page(FID)):        # the header row heads both tables
+            CLAIMED.setdefault(FID, []).append(m.span())
+    check(claim(r"stage 2 saw only (?P<tok>[\d,]+) tokens", FID),
+          {"tok": result("distill_smollm2_quick_w128.json")["stage2"]["tokens"]})
+    claim(r"At 4,096 tokens, four times its training length", FID)
+    assert result("distill_smollm2_quick_w128.json")["config"]["window"] == 128
+    rows = {(s["config"], s["kind"], s["context"]): s for s in r["summary"] if s["split"] == "test"}
+    comps = r["comparisons_on_test"]
+    for tag, base in r["strongest_baseline_on_validation"].items():
+        assert base.startswith("h2o")
+        level = "" if tag == "@student" else " + slots"
+        for kind in ("prose", "code", "chat"):
+            for student in (f"student{level}", f"student{level} λ=0"):
+                assert rows[(base, kind, 1024)]["top1"] > rows[(student, kind, 1024)]["top1"]
+                d = next(d for d in comps[f"{student} vs {base}"] if (d["kind"], d["context"]) == (kind, 1024))
+                assert d["top1_verdict"] in ("worse", "tie")
+    for level in ("", " + slots"):
+        for d in comps[f"student{level} vs student{level} λ=0"]:
+            if d["context"] == 1024:
+                assert d["top1_verdict"] in ("tie", "worse") and d["greedy_verdict"] in ("tie", "worse")
+                assert abs(d["log_ppl_ratio"]) < 0.02
+    for kind in ("prose", "code"):
+        assert rows[("student λ=0", kind, 4096)]["top1"] > rows[("student", kind, 4096)]["top1"]
+        assert rows[("student", kind, 4096)]["n"] == 1
+    needles = {s["config"]: s for s in r["needle"]}
+    assert needles["student + slots"]["hits"] > needles[r["strongest_baseline_on_validation"]["@slots"]]["hits"] == 0
+    assert needles["student + slots"]["hits"] < needles["student + slots"]["original_right"]
