@@ -35,13 +35,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from surgeon.core.errors import ConfigError
 from surgeon.ops.feature_maps import make_feature_map
-from surgeon.ops.hybrid_cache import KernelHybridLayer
+from surgeon.ops.hybrid_cache import KernelHybridLayer, layer_at
 from surgeon.ops.hybrid_kernel import capped_hybrid_attention
 from surgeon.ops.linear_attention import bidirectional_linear_attention, local_window_mask
 from surgeon.ops.linear_attention.weights import (linear_weight, linear_weight_parameter, window_weight,
@@ -161,16 +161,7 @@ def install_layer(cache: Any, idx: int, window: int) -> KernelHybridLayer | None
         cache = cache.self_attention_cache
     if not isinstance(cache, Cache):
         return None
-    while len(cache.layers) <= idx:
-        cache.layers.append(DynamicLayer())
-    layer = cache.layers[idx]
-    if not isinstance(layer, KernelHybridLayer):
-        if getattr(layer, "is_initialized", False) and layer.get_seq_length() > 0:
-            raise ConfigError(f"cache layer {idx} already holds {layer.get_seq_length()} tokens of softmax keys/values; "
-                              "start decoding from a fresh cache after linearizing the model")
-        layer = KernelHybridLayer(window)
-        cache.layers[idx] = layer
-    return layer
+    return layer_at(cache, idx, KernelHybridLayer, lambda: KernelHybridLayer(window))
 
 
 def _find_cache(module: nn.Module, args: tuple, kwargs: dict) -> Any:

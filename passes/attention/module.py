@@ -27,13 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.cache_utils import (
     Cache,
-    DynamicLayer,
     EncoderDecoderCache,
     LinearAttentionAndSlidingWindowAttentionLayer,
 )
 
 from surgeon.core.errors import ConfigError
 from surgeon.ops.feature_maps import make_feature_map
+from surgeon.ops.hybrid_cache import layer_at
 from surgeon.ops.linear_attention import (bidirectional_linear_attention, linear_attention, local_window_mask,
                                           update_sinks)
 from surgeon.ops.linear_attention.streaming import Carry, run_blocks
@@ -283,16 +283,9 @@ class SinkWindowLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
 def _recurrent_layer(cache: Cache, idx: int, window: int) -> SinkWindowLayer:
     """This layer's cache entry as a linear + sliding-window (+ sinks) layer (installed on first use)."""
-    while len(cache.layers) <= idx:
-        cache.layers.append(DynamicLayer())
-    layer = cache.layers[idx]
-    if not isinstance(layer, LinearAttentionAndSlidingWindowAttentionLayer):
-        if getattr(layer, "is_initialized", False) and layer.get_seq_length() > 0:
-            raise ConfigError(f"cache layer {idx} already holds {layer.get_seq_length()} tokens of softmax keys/values; "
-                              "start decoding from a fresh cache after linearizing the model")
-        # sliding_window >= 2: transformers keeps the last sliding_window - 1 tokens (0 would mean all)
-        layer = SinkWindowLayer(sliding_window=max(window, 2))
-        cache.layers[idx] = layer
+    # sliding_window >= 2: transformers keeps the last sliding_window - 1 tokens (0 would mean all)
+    layer = layer_at(cache, idx, LinearAttentionAndSlidingWindowAttentionLayer,
+                     lambda: SinkWindowLayer(sliding_window=max(window, 2)))
     for name in ("sink_state", "memory_state"):
         if not hasattr(layer, name):
             setattr(layer, name, None)   # a plain transformers layer (e.g. built from config.layer_types)

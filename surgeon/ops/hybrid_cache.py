@@ -20,7 +20,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -100,3 +100,18 @@ class KernelHybridLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._each(lambda t: t[indices, ...])
+
+
+def layer_at(cache: Any, idx: int, kind: type, make: Callable[[], Any]) -> Any:
+    """``cache.layers[idx]`` as a ``kind`` layer: installed (``make()``) on first use, after padding the list with
+    empty dynamic layers; a softmax layer that already holds tokens is refused (start from a fresh cache)."""
+    while len(cache.layers) <= idx:
+        cache.layers.append(DynamicLayer())
+    layer = cache.layers[idx]
+    if not isinstance(layer, kind):
+        if getattr(layer, "is_initialized", False) and layer.get_seq_length() > 0:
+            raise ConfigError(f"cache layer {idx} already holds {layer.get_seq_length()} tokens of softmax keys/values; "
+                              "start decoding from a fresh cache after linearizing the model")
+        layer = make()
+        cache.layers[idx] = layer
+    return layer

@@ -9,16 +9,8 @@ from surgeon.core.errors import ConfigError
 from surgeon.fidelity.exact_tokens import ExactTokenModel, ExactTokenPolicy, _LayerTokens
 
 
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                                   num_key_value_heads=2, vocab_size=97, max_position_embeddings=256)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def test_room_for_every_token_is_the_original(llama):
-    ids = torch.randint(0, 97, (1, 53))
+    ids = torch.randint(0, 259, (1, 53))
     full = llama.model(input_ids=ids).last_hidden_state
     engine = ExactTokenModel(llama, ExactTokenPolicy(sinks=1, window=200, block=7))
     assert torch.allclose(engine.prefill(ids[:, :45]), full[:, :45], atol=2e-5)
@@ -30,7 +22,7 @@ def test_room_for_every_token_is_the_original(llama):
 def test_sinks_window_decode_is_streaming_llm_mask(llama):
     """heavy=0, one token per step: query t sees the first `sinks` tokens and its last window + 1 (itself)."""
     sinks, window, T = 3, 9, 40
-    ids = torch.randint(0, 97, (1, T))
+    ids = torch.randint(0, 259, (1, T))
     t = torch.arange(T)[:, None]
     j = torch.arange(T)[None, :]
     allowed = (j <= t) & ((t - j <= window) | (j < sinks))

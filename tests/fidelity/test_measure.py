@@ -25,14 +25,6 @@ def tok():
     return t
 
 
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                                   num_key_value_heads=2, vocab_size=259, max_position_embeddings=512)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def test_splits_share_no_document_and_too_many_prompts_is_an_error(tok):
     assert not set(source_documents("prose", "validation")) & set(source_documents("prose", "test"))
     have = available(tok, "prose", "validation", 4096)
