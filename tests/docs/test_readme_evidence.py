@@ -1051,3 +1051,32 @@ def test_fidelity_evaluation_tables_and_findings_are_the_recorded_run():
     needles = {s["config"]: s for s in r["needle"]}
     assert needles["student + slots"]["hits"] > needles[r["strongest_baseline_on_validation"]["@slots"]]["hits"] == 0
     assert needles["student + slots"]["hits"] < needles["student + slots"]["original_right"]
+
+
+@evidence
+def test_private_engine_and_transformer_costs_are_the_recorded_run():
+    r = result("private_inference.json")
+    rows = {row["name"]: row for row in r["cnn"]["rows"]}
+    full, fifth = rows["budget_1"], rows["budget_0.2"]
+    s = claim(r"With every ReLU the compiled circuit has (?P<p1>[\d,]+) programmable bootstrappings \(PBS, the engine's "
+              r"cost unit\) and an FHE-simulation accuracy of (?P<a1>\d+) %; with (?P<b>\d+) % of the ReLUs, (?P<p2>[\d,]+) "
+              r"PBS and (?P<a2>\d+) %\..*?our count of the requantization points \((?P<est>[\d,]+) at both budgets\) is "
+              r"within (?P<r1>[\d.]+)× and (?P<r2>[\d.]+)× of the engine's, while the DELPHI garbled-circuit estimate falls "
+              r"from (?P<d1>[\d.]+) ms to (?P<d2>[\d.]+) ms\. Not measured yet: the (?P<b3>\d+) % budget did not compile", PI)
+    check(s, {"p1": full["engine_pbs"], "a1": 100 * full["engine_simulation_accuracy"], "b": 100 * fifth["budget_fraction"],
+              "p2": fifth["engine_pbs"], "a2": 100 * fifth["engine_simulation_accuracy"], "est": full["fhe_pbs_estimate"],
+              "r1": full["fhe_pbs_estimate"] / full["engine_pbs"], "r2": fifth["fhe_pbs_estimate"] / fifth["engine_pbs"],
+              "d1": full["delphi_online_ms"], "d2": fifth["delphi_online_ms"],
+              "b3": 100 * rows["budget_0.05"]["budget_fraction"]})
+    assert full["fhe_pbs_estimate"] == fifth["fhe_pbs_estimate"] and rows["budget_0.05"]["engine_compiled"] is None
+    assert min(r["cnn"]["engine"]["pbs_probe"]["loadavg"]) > 10                   # "a load average above 10"
+    t = {row["variant"]: row for row in r["transformer"]["rows"] if row["context"] == 4096}
+    hybrid = t["hybrid w64+4 sinks (hedgehog f16)"]
+    s = claim(r"at a (?P<ctx>[\d,]+)-token context, one decoded token costs (?P<soft>[\d,]+) MB of online traffic with softmax "
+              r"attention and (?P<hyb>[\d,]+) MB with a window-64 \+ 4-sink hedgehog hybrid \((?P<e1>[\d,]+) against "
+              r"(?P<e2>[\d,]+) exponentials\)", PI)
+    check(s, {"ctx": 4096, "soft": t["original"]["comm_MB_per_token"], "hyb": hybrid["comm_MB_per_token"],
+              "e1": t["original"]["exp_per_token"], "e2": hybrid["exp_per_token"]})
+    flat = [row["comm_MB_per_token"] for row in r["transformer"]["rows"] if row["variant"] == hybrid["variant"]
+            and row["context"] >= 1024]
+    assert max(flat) == min(flat)                                                    # "stays flat beyond its window"
