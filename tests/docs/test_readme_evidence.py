@@ -1080,3 +1080,17 @@ def test_private_engine_and_transformer_costs_are_the_recorded_run():
     flat = [row["comm_MB_per_token"] for row in r["transformer"]["rows"] if row["variant"] == hybrid["variant"]
             and row["context"] >= 1024]
     assert max(flat) == min(flat)                                                    # "stays flat beyond its window"
+
+
+@evidence
+def test_readme_efficientnet_demo_is_scored_on_held_out_photos():
+    r = result("demo_efficientnet.json")
+    held = r["held_out"]
+    s = claim(r"it calibrates on (?P<ncal>six) scikit-image photos and scores on (?P<nheld>three) it never saw \((?P<names>[a-z, ]+); "
+              r"`benchmarks/results/demo_efficientnet.json`\), where the linearized model's top-1 class agrees with the "
+              r"original's on (?P<k>\d+) of (?P<n>\d+) views \((?P<agree>[\d.]+)\), with (?P<fewer>[\d.]+) % fewer ReLUs")
+    check(s, {"ncal": "six", "nheld": "three", "names": ", ".join(held["photos"]), "k": held["agreeing_views"],
+              "n": held["views"], "agree": held["agreement"],
+              "fewer": 100 * (1 - r["relu_count_after"] / r["relu_count_before"])})
+    assert len(r["calibration_photos"]) == 6 and len(held["photos"]) == 3
+    assert not set(r["calibration_photos"]) & set(held["photos"])
