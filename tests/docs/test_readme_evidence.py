@@ -93,11 +93,14 @@ def test_readme_demo_paragraph_is_the_recorded_demo_run():
     r = result("demo_smollm2.json")
     s = claim(r"\(`benchmarks/results/demo_smollm2.json`\): the perplexity ratio to the original @512 went from "
               r"(?P<before>[\d.]+) to (?P<after>[\d.]+), .*? the distilled model's answer holds the original answer's "
-              r"token at (?P<dist>[\d.]+) % of its positions \((?P<lin>[\d.]+) % before distillation\)\. On prompts "
+              r"token at (?P<dist>[\d.]+) % of its positions \((?P<lin>[\d.]+) % before distillation; the equal-bytes baseline's "
+              r"answer (?P<base>[\d.]+) %\)\. On prompts "
               r"shorter than the window the distilled model is the original \(top-1 agreement (?P<short>[\d.]+),")
     check(s, {"before": r["distill"]["ratio_before"], "after": r["distill"]["ratio_after"],
               "dist": 100 * r["answers"]["distilled"]["agreement"], "lin": 100 * r["answers"]["linearized"]["agreement"],
+              "base": 100 * r["answers"][f"baseline ({r['equal_bytes_baseline']['policy']})"]["agreement"],
               "short": r["distill"]["short_prompt_agreement"]})
+    assert r["prompt_tokens"] > 1000 and r["config"]["feature_dim"] == 16 and r["config"]["window"] == 128
     assert r["onnx"]["text"] == r["answers"]["distilled"]["text"] and "token for token" in page("README.md")
     assert r["distill"]["stage2"]["trains"] == "linear-branch"      # "by construction: only the linear branch trains"
 
@@ -192,7 +195,7 @@ def test_conformance_counts_are_the_generated_tables():
 def test_demo_sentences_are_the_recorded_demo_run():
     r = result("demo_smollm2.json")
     d, onnx, answers = r["distill"], r["onnx"], r["answers"]
-    s = claim(r"\((?P<tokens>\d+) prompt tokens, so with a (?P<window>\d+)-token window and (?P<sinks>\d) sinks "
+    s = claim(r"\((?P<tokens>[\d,]+) prompt tokens, so with a (?P<window>\d+)-token window and (?P<sinks>\d) sinks "
               r"(?P<pct>\d+) % of the prompt", "docs/cli.md")
     check(s, {"tokens": r["prompt_tokens"], "pct": 100 * r["linear_fraction"], "window": r["config"]["window"],
               "sinks": r["config"]["sinks"]})
@@ -200,14 +203,16 @@ def test_demo_sentences_are_the_recorded_demo_run():
               r"(?P<before>[\d.]+) to (?P<after>[\d.]+) and kept top-1 agreement on prompts shorter than the window at "
               r"(?P<short>[\d.]+) .*? token agreement (?P<lin>[\d.]+) for the linearized model before distillation, "
               r"(?P<dist>[\d.]+) after it and (?P<ort>[\d.]+) on onnxruntime \(the original answered with (?P<n0>\d+) "
-              r"tokens, the distilled model with (?P<n1>\d+)\)\. The background export took (?P<export>\d+) s and was "
+              r"tokens, the distilled model with (?P<n1>\d+)\); the equal-bytes baseline's answer (?P<base>[\d.]+)\. "
+              r"The background export took (?P<export>\d+) s and was "
               r"done when the distillation was \(the demo waited (?P<waited>\d+) s for it\), writing the distilled "
               r"weights into it took (?P<update>\d+) s", "docs/cli.md")
     check(s, {"total": r["wall_clock_s"], "before": d["ratio_before"], "after": d["ratio_after"],
               "short": d["short_prompt_agreement"], "lin": answers["linearized"]["agreement"],
               "dist": answers["distilled"]["agreement"], "ort": answers["onnxruntime"]["agreement"],
               "n0": len(answers["original (softmax)"]["tokens"]), "n1": len(answers["distilled"]["tokens"]),
-              "export": onnx["export_seconds"], "update": onnx["update_seconds"], "waited": onnx["export_wait_seconds"]})
+              "export": onnx["export_seconds"], "update": onnx["update_seconds"], "waited": onnx["export_wait_seconds"],
+              "base": answers[f"baseline ({r['equal_bytes_baseline']['policy']})"]["agreement"]})
     assert r["passed"] and onnx["exported_while_distilling"] and onnx["export_seconds"] < r["wall_clock_s"]
     assert onnx["text"] == answers["distilled"]["text"]        # "onnxruntime's answer is the distilled model's"
     assert d["minutes_budget"] == 8 and "`--distill-minutes 8` by default" in page("docs/cli.md")
@@ -216,13 +221,14 @@ def test_demo_sentences_are_the_recorded_demo_run():
 @evidence
 def test_demo_cost_table_is_the_cost_model_of_the_demo_configuration():
     """The cost block is what the demo's report prints: SmolLM2's 30 layers (9 / 3 heads of 64), hedgehog φ of
-    2 × 64 features, window 64, 4 sinks, chunk 64, fp32."""
+    2 × 16 features, window 128, 4 sinks, chunk 64, fp32."""
     from surgeon.core.report import format_table
     from surgeon.passes.attention.costs import AttentionShape, cost_rows
     from surgeon.passes.attention.handler import REPORT_CONTEXTS
 
-    layer = AttentionShape(n_heads=9, n_kv_heads=3, head_dim=64, feature_dim=128, window=64, chunk=64,
-                           hedgehog_dim=64, sinks=4)
+    layer = AttentionShape(n_heads=9, n_kv_heads=3, head_dim=64, feature_dim=32, window=128, chunk=64,
+                           hedgehog_dim=16, sinks=4)
+    assert result("demo_smollm2.json")["config"]["feature_dim"] == 16 and result("demo_smollm2.json")["config"]["window"] == 128
     costs = cost_rows([layer] * 30, REPORT_CONTEXTS, 4)
     lines = [line for line in format_table(list(costs[0]), costs).splitlines() if not line.startswith("-")]
     table = " ".join(" ".join(lines).split())
