@@ -82,7 +82,7 @@ def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
     modes = {m: m.training for m in names}
     buffers = _buffers(model)
     try:
-        model.eval()
+        _set_training(model, False)
         with torch.no_grad():
             model(*inputs)
     except SurgeonError:
@@ -97,8 +97,15 @@ def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
         for h in hooks:
             h.remove()
         for m, mode in modes.items():
-            m.train(mode)
+            _set_training(m, mode, recurse=False)
         _restore_buffers(model, buffers)
+
+
+def _set_training(module: nn.Module, mode: bool, recurse: bool = True) -> None:
+    """Set the ``training`` flag directly: graphs from ``torch.export`` refuse ``train()`` / ``eval()``
+    (NotImplementedError), and the flag is all those calls change on the modules a check runs."""
+    for m in (module.modules() if recurse else (module,)):
+        m.training = mode
 
 
 def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -379,12 +379,12 @@ def test_surgeon_distill_is_callable_and_a_package():
 def test_evaluate_teacher_vs_student_tiny(tmp_path):
     model, teacher = linearized(2)
     data = tokens(4, length=64)
-    r = surgeon.evaluate(model, teacher=teacher, data=data, context=64, niah_context=64, mqar_trials=4,
+    r = surgeon.evaluate(model, teacher=teacher, data=data, context=64, n_windows=4, niah_context=64, mqar_trials=4,
                          niah_trials=1, niah_depths=(0.0, 0.5, 1.0), out_dir=tmp_path)
     assert r.perplexity["ratio"] != 1.0 and 0 <= r.agreement["top1"] <= 1
     assert len(r.niah["student"]) == 3 and 0 <= r.mqar["teacher"] <= 1
     assert (tmp_path / "eval.md").read_text().startswith("| metric |")
-    same = surgeon.evaluate(teacher, teacher=teacher, data=data, context=64, mqar_trials=4, niah_trials=1,
+    same = surgeon.evaluate(teacher, teacher=teacher, data=data, context=64, n_windows=4, mqar_trials=4, niah_trials=1,
                             niah_context=64, niah_depths=(0.0, 0.5, 1.0), generation=True)
     assert same.perplexity["ratio"] == 1.0 and same.agreement["top1"] == 1.0 and same.agreement["generation"] == 1.0
     # the recall probes are deterministic: the teacher scored as its own student scores exactly the same
