@@ -19,7 +19,7 @@ Example:
     >>> torch.manual_seed(0); m = transformers.LlamaForCausalLM(cfg).eval()  # doctest: +ELLIPSIS
     <...>
     >>> ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(0))
-    >>> r = evaluate(m, data=ids, teacher=m, context=48, niah_context=64, mqar_trials=2, niah_trials=1)
+    >>> r = evaluate(m, data=ids, teacher=m, context=48, n_windows=2, niah_context=64, mqar_trials=2, niah_trials=1)
     >>> r.perplexity["ratio"], r.agreement["top1"]
     (1.0, 1.0)
 """

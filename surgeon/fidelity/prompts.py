@@ -93,15 +93,16 @@ def source_documents(kind: str, split: str) -> dict[str, str]:
     return {n: t for n, t in _all_documents(kind).items() if split_of(n) == split}
 
 
-_STREAMS: dict[tuple[int, str, str], tuple[list[int], list[tuple[int, str]]]] = {}
+_STREAMS: dict[tuple[int, str, str], tuple[Any, list[int], list[tuple[int, str]]]] = {}
 
 
 def _stream(tokenizer: Any, kind: str, split: str) -> tuple[list[int], list[tuple[int, str]]]:
-    """The split's documents as one token stream, with (start offset, name) of each document (cached)."""
+    """The split's documents as one token stream, with (start offset, name) of each document (cached; the cache
+    holds the tokenizer too, so its id cannot be reused by another one)."""
     key = (id(tokenizer), kind, split)
     if key not in _STREAMS:
-        _STREAMS[key] = _tokenize_stream(tokenizer, kind, split)
-    return _STREAMS[key]
+        _STREAMS[key] = (tokenizer, *_tokenize_stream(tokenizer, kind, split))
+    return _STREAMS[key][1], _STREAMS[key][2]
 
 
 def _tokenize_stream(tokenizer: Any, kind: str, split: str) -> tuple[list[int], list[tuple[int, str]]]:
