@@ -1100,3 +1100,27 @@ def test_readme_efficientnet_demo_is_scored_on_held_out_photos():
               "fewer": 100 * (1 - r["relu_count_after"] / r["relu_count_before"])})
     assert len(r["calibration_photos"]) == 6 and len(held["photos"]) == 3
     assert not set(r["calibration_photos"]) & set(held["photos"])
+
+
+@evidence
+def test_readme_generation_fidelity_headline_is_the_fidelity_run():
+    r = result("fidelity_smollm2.json")
+    base = r["strongest_baseline_on_validation"]["@slots"]
+    rows = {(s["config"], s["kind"]): s for s in r["summary"] if s["split"] == "test" and s["context"] == 1024}
+    s = claim(r"held-out test prompts of (?P<ctx>[\d,]+) tokens, .*?: at (?P<pb>[\d.]+) % of the softmax KV cache at 8 K tokens, "
+              r"the original model keeping (?P<sinks>\d) sinks \+ a window \+ H2O heavy hitters agrees with the original's next "
+              r"token on its own continuation (?P<b1>[\d.]+) / (?P<b2>[\d.]+) / (?P<b3>[\d.]+) of the time \(prose / code / "
+              r"chat\); our best student at the same bytes \(window (?P<w>\d+) \+ memory slots planned toward retrieval heads, "
+              r"(?P<ps>[\d.]+) %\) (?P<s1>[\d.]+) / (?P<s2>[\d.]+) / (?P<s3>[\d.]+)\. On top-1 its trained linear state ties the same "
+              r"exact tokens with the state switched off")
+    check(s, {"ctx": 1024, "pb": r["configs"][base]["percent_of_kv_at_8k"], "sinks": 4,
+              "b1": rows[(base, "prose")]["top1"], "b2": rows[(base, "code")]["top1"], "b3": rows[(base, "chat")]["top1"],
+              "w": result("distill_smollm2_quick_w128.json")["config"]["window"],
+              "ps": r["configs"]["student + slots"]["percent_of_kv_at_8k"],
+              "s1": rows[("student + slots", "prose")]["top1"], "s2": rows[("student + slots", "code")]["top1"],
+              "s3": rows[("student + slots", "chat")]["top1"]})
+    assert base.startswith("h2o")
+    best = max(("student", "student + slots"), key=lambda c: sum(rows[(c, k)]["top1"] for k in ("prose", "code", "chat")))
+    assert best == "student + slots"
+    ties = [d for d in r["comparisons_on_test"]["student + slots vs student + slots λ=0"] if d["context"] == 1024]
+    assert all(d["top1_verdict"] == "tie" for d in ties)
