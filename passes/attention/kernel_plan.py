@@ -42,7 +42,7 @@ from surgeon.passes.attention.config import LinearizeAttention
 from surgeon.passes.attention.costs import AttentionShape, cost_rows
 from surgeon.passes.attention.kernel import (HYBRID, PROBE_CALLS, KernelHybrid, base_of, implementation_name,
                                              key_valid, post_hook, pre_hook)
-from surgeon.passes.attention.probe import probe_inputs
+from surgeon.passes.attention.probe import probe_forward, probe_inputs
 
 # keyword arguments a family may pass to its kernel: read by the hybrid, or bookkeeping that does not change the math
 UNDERSTOOD = {"scaling", "dropout", "softcap", "s_aux", "sliding_window", "is_causal"}
@@ -74,24 +74,16 @@ def probe_calls(model: nn.Module) -> dict[str, dict[str, Any]]:
                         f"{getattr(model, 'main_input_name', '?')!r}): cannot see which modules call the attention kernel")
     configs = _configs(model)
     previous = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
-    modes = [(m, m.training) for m in model.modules()]
     try:
         for cfg, impl in previous:
             cfg._attn_implementation_internal = implementation_name(base_of(impl), probe=True)
-        model.eval()
-        with torch.no_grad():
-            try:
-                model(**inputs, use_cache=False)
-            except TypeError:
-                model(**inputs)
+        probe_forward(model, inputs)
     except Exception as e:
         raise PlanError(f"the probe forward of {type(model).__name__} failed ({type(e).__name__}: {str(e)[:160]}); "
                         "cannot see which modules call the attention kernel") from e
     finally:
         for cfg, impl in previous:
             cfg._attn_implementation_internal = impl
-        for m, mode in modes:
-            m.training = mode
         found = {fqn: m.__dict__.pop(PROBE_CALLS) for fqn, m in model.named_modules() if PROBE_CALLS in m.__dict__}
     return {fqn: calls[0] for fqn, calls in found.items()
             if calls[0]["key"].shape[-2] == calls[0]["query"].shape[-2]}   # self-attention only

@@ -68,20 +68,28 @@ def _record(model: nn.Module, found: list[tuple[str, AttentionLayout]], inputs: 
         def hook(module, args, kwargs, output, fqn=fqn):
             calls.setdefault(fqn, (args, dict(kwargs), output))
         hooks.append(model.get_submodule(fqn).register_forward_hook(hook, with_kwargs=True))
+    try:
+        probe_forward(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def probe_forward(model: nn.Module, inputs: dict) -> Any:
+    """One forward of ``model`` on ``inputs`` in eval mode without gradients and without a cache where the model
+    takes ``use_cache``; every module's training flag is set back afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
             try:
-                model(**inputs, use_cache=False)
+                return model(**inputs, use_cache=False)
             except TypeError:
-                model(**inputs)
+                return model(**inputs)
     finally:
-        for h in hooks:
-            h.remove()
         for m, mode in modes:
             m.training = mode
-    return calls
 
 
 def _first(output: Any) -> torch.Tensor:
